@@ -1,0 +1,357 @@
+"""Featurize -> reduce training statistics -> fit -> score, streamed through the feature store.
+
+Plain torch: `Attributor` runs in one process with `LocalDist`, or under DDP with any `Dist` (the
+Lightning callback passes its strategy's). Work is split by shard (`shard % world_size == rank`) and by
+query block; the kernel and self-influence are all-reduced; rank 0 assembles and writes the result files.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import __version__
+from .batches import move_to
+from .dist import Dist, LocalDist
+from .gradients import PerExampleGradients, ParamSelector, select_parameters
+from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
+from .outputs import OutputFunction, resolve_output
+from .projection import RandomProjector
+from .results import AttributionResult, load_results, save_array, save_json
+from .store import FeatureStore, ensure_writable_dir
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Snapshot:
+    """Weights to featurize at: an in-memory state dict, or a file (our snapshot `.pt` or a Lightning `.ckpt`)."""
+
+    name: str
+    state_dict: dict | None = None
+    path: str | None = None
+    lr: float | None = None
+    step: int | None = None
+    epoch: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def load(self) -> dict:
+        if self.state_dict is not None:
+            return self.state_dict
+        if self.path is None:
+            raise ValueError(f"snapshot {self.name!r} has neither a state_dict nor a path")
+        obj = torch.load(self.path, map_location="cpu", weights_only=False)
+        return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return SnapshotInfo(self.name, self.lr, self.step, self.epoch)
+
+
+def weights_fingerprint(state_dict: dict) -> str:
+    """A cheap identity of a set of weights: names, shapes and float64 moments of every tensor."""
+    h = hashlib.sha1()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        d = t.detach().double().cpu()
+        h.update(f"{name}:{tuple(d.shape)}:{d.sum().item():.12e}:{(d * d).sum().item():.12e}".encode())
+    return h.hexdigest()
+
+
+def _dataset_len(dataset: Dataset, what: str) -> int:
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(f"{what} must be a map-style dataset with __len__ (got {type(dataset).__name__})") from err
+    if n == 0:
+        raise ValueError(f"{what} is empty: pass a dataset with at least one example")
+    return n
+
+
+class Attributor:
+    """Computes attribution scores of `method` for a module, a training set and a query set.
+
+    Args:
+        module: the model (any nn.Module; its `forward` gives logits for the built-in outputs).
+        method: a `FeatureMethod` (e.g. `TRAK()`).
+        train_dataset, query_dataset: map-style datasets; rows of the result follow their index order.
+        out_dir: where the feature store (`out_dir/features`) and result files go.
+        proj_dim, projector, seed: the random projection (`identity` keeps full gradients).
+        params: which parameters to attribute through (names/prefixes/predicate; default all trainable).
+        output_fn: overrides the method's output function: a name or a callable (module, batch) -> (B,).
+        batch_size, shard_size, query_chunk: memory/throughput knobs; shard_size is the resumption unit.
+        collate_fn, num_workers: as for a DataLoader over the datasets.
+        dist: collectives (`LocalDist()` by default); `device` comes from it.
+        progress: optional callback `(stage, done, total)`.
+    """
+
+    def __init__(self, module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
+                 out_dir: str | os.PathLike, *, proj_dim: int = 2048, projector: str = "rademacher", seed: int = 0,
+                 params: ParamSelector = None, output_fn: str | OutputFunction | Callable | None = None,
+                 batch_size: int = 64, shard_size: int = 512, query_chunk: int = 1024,
+                 collate_fn: Callable | None = None, num_workers: int = 0, dist: Dist | None = None,
+                 progress: Progress | None = None):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(method, FeatureMethod):
+            raise TypeError(f"method must be a FeatureMethod (e.g. TRAK()), got {type(method).__name__}")
+        if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
+            raise ValueError(f"proj_dim must be a positive integer (e.g. 2048), got {proj_dim!r}")
+        for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("query_chunk", query_chunk)):
+            if not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        self.n_train = _dataset_len(train_dataset, "train_dataset")
+        self.n_query = _dataset_len(query_dataset, "query_dataset")
+        self.module, self.method = module, method
+        self.train_dataset, self.query_dataset = train_dataset, query_dataset
+        self.out_dir = Path(out_dir)
+        self.dist = dist or LocalDist()
+        if self.dist.rank == 0:
+            ensure_writable_dir(self.out_dir, "out_dir")
+        self.output = resolve_output(output_fn, default=method.output)
+        self.param_names = select_parameters(module, params)
+        self.proj_dim, self.projector_kind, self.seed = proj_dim, projector, seed
+        self.batch_size, self.shard_size, self.query_chunk = batch_size, shard_size, query_chunk
+        self.collate_fn, self.num_workers = collate_fn, num_workers
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    # -- public ----------------------------------------------------------------------------------
+    def run(self, snapshots: Sequence[Snapshot] | None = None) -> AttributionResult:
+        """Featurize every selected snapshot (resuming), fit, score, write the result files; all ranks return them."""
+        device = self.dist.device
+        original = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        if not snapshots:
+            snapshots = [Snapshot("final", state_dict=original)]
+        snapshots = list(snapshots)
+        if self.method.snapshot_policy == "last":
+            snapshots = snapshots[-1:]
+        self.module.to(device)
+        try:
+            store = self._open_store()
+            t0 = time.perf_counter()
+            for snap in snapshots:
+                self._featurize_snapshot(store, snap)
+            self.timings["featurize_s"] = time.perf_counter() - t0
+        finally:
+            self.module.load_state_dict(original)
+        t0 = time.perf_counter()
+        stats = self._train_statistics(store, snapshots)
+        self.method.fit(stats)
+        self.timings["fit_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        weights = self.method.train_weights()
+        self_influence = self._self_influence(store, snapshots, weights)
+        self._score_my_queries(store, snapshots, weights)
+        self.timings["score_s"] = time.perf_counter() - t0
+        self.dist.barrier()
+        if self.dist.rank == 0:
+            self._write_results(store, snapshots, self_influence)
+        self.dist.barrier()
+        return load_results(self.out_dir)
+
+    # -- featurization ---------------------------------------------------------------------------
+    def _store_settings(self) -> dict:
+        params = dict(self.module.named_parameters())
+        return {
+            "projector": self.projector_kind, "proj_dim": self.proj_dim if self.projector_kind != "identity" else None,
+            "seed": self.seed, "output": self.output.name, "normalize": self.method.normalize_features,
+            "params": hashlib.sha1(
+                ";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
+            "num_params": int(sum(params[n].numel() for n in self.param_names)),
+        }
+
+    def _open_store(self) -> FeatureStore:
+        root = self.out_dir / "features" / self.output.name
+        settings = self._store_settings()
+        if self.dist.rank == 0:
+            store = FeatureStore(root, settings, self.shard_size)
+        self.dist.barrier()
+        if self.dist.rank != 0:
+            store = FeatureStore(root, settings, self.shard_size, create=False)
+        return store
+
+    def _featurize_snapshot(self, store: FeatureStore, snap: Snapshot) -> None:
+        state = snap.load()
+        try:
+            self.module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"snapshot {snap.name!r} does not fit the module ({str(err).splitlines()[0]}): the checkpoints "
+                "belong to another model; pass snapshots of this architecture"
+            ) from err
+        if self.dist.rank == 0:
+            store.register_snapshot(snap.name, weights_fingerprint(state))
+            store.create(snap.name, "train", np.arange(self.n_train))
+            store.create(snap.name, "query", np.arange(self.n_query))
+        self.dist.barrier()
+        grads = PerExampleGradients(self.module, self.output, self.param_names)
+        projector = RandomProjector(grads.num_params, self.proj_dim, self.projector_kind, self.seed, device=self.dist.device)
+        for split, dataset in (("train", self.train_dataset), ("query", self.query_dataset)):
+            n = len(dataset)
+            mine = [s for s in store.pending_shards(snap.name, split) if s % self.dist.world_size == self.dist.rank]
+            for i, shard in enumerate(mine):
+                lo, hi = store.shard_range(shard, n)
+                feats, qw = self._featurize_rows(dataset, lo, hi, grads, projector, f"{split} example", snap.name)
+                store.write_shard(snap.name, split, shard, feats, qw)
+                if self.progress:
+                    self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
+        self.dist.barrier()
+
+    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: PerExampleGradients,
+                        projector: RandomProjector, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
+                            collate_fn=self.collate_fn, num_workers=self.num_workers)
+        feats, weights, offset = [], [], lo
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            for batch in loader:
+                batch = move_to(batch, self.dist.device)
+                g = grads(batch)
+                bad = (~torch.isfinite(g).all(dim=1)).nonzero()
+                if len(bad):
+                    idx = offset + int(bad[0])
+                    raise ValueError(
+                        f"non-finite gradient for {what} {idx} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
+                        "Check that example and the model's numerics; shards finished so far are kept on disk."
+                    )
+                f = projector(g)
+                if self.method.normalize_features:
+                    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                feats.append(f.cpu().numpy())
+                weights.append(self.output.loss_weight(self.module, batch).float().cpu().numpy())
+                offset += g.shape[0]
+        finally:
+            self.module.train(was_training)
+        return np.concatenate(feats), np.concatenate(weights)
+
+    # -- statistics, scoring ---------------------------------------------------------------------
+    def _my_train_shards(self, store: FeatureStore) -> list[int]:
+        return [s for s in range(store.num_shards(self.n_train)) if s % self.dist.world_size == self.dist.rank]
+
+    def _train_statistics(self, store: FeatureStore, snapshots: list[Snapshot]) -> TrainStatistics:
+        device = self.dist.device
+        dim = self._feature_dim(store, snapshots[0])
+        kernels, q_sum = [], torch.zeros(self.n_train, dtype=torch.float64, device=device)
+        for snap in snapshots:
+            kernel = torch.zeros(dim, dim, dtype=torch.float64, device=device) if self.method.needs_kernel else None
+            for lo, hi, f, w in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
+                if kernel is not None:
+                    ft = torch.from_numpy(f).to(device, torch.float64)
+                    kernel += ft.T @ ft
+                q_sum[lo:hi] += torch.from_numpy(w).to(device, torch.float64)
+            if kernel is not None:
+                kernels.append(self.dist.all_reduce_sum(kernel))
+        q_mean = self.dist.all_reduce_sum(q_sum) / len(snapshots)
+        return TrainStatistics([s.info for s in snapshots], self.n_train, dim,
+                               kernels=kernels or None, loss_weight=q_mean)
+
+    def _feature_dim(self, store: FeatureStore, snap: Snapshot) -> int:
+        return int(store.read_shard(snap.name, "train", 0)[0].shape[1])
+
+    def _self_influence(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None) -> np.ndarray:
+        device = self.dist.device
+        out = torch.zeros(self.n_train, dtype=torch.float64, device=device)
+        for c, snap in enumerate(snapshots):
+            for lo, hi, f, _ in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
+                ft = torch.from_numpy(f).to(device, torch.float64)
+                out[lo:hi] += (ft * self.method.transform(c, ft)).sum(dim=1)
+        if weights is not None:
+            out *= weights.to(device)
+        return self.dist.all_reduce_sum(out).cpu().numpy()
+
+    def _query_block(self) -> tuple[int, int]:
+        bounds = np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
+        return int(bounds[self.dist.rank]), int(bounds[self.dist.rank + 1])
+
+    def _read_rows(self, store: FeatureStore, snap: str, split: str, lo: int, hi: int) -> torch.Tensor:
+        n = len(store.ids(snap, split))
+        parts = []
+        for s in range(lo // store.shard_size, math.ceil(hi / store.shard_size)):
+            s_lo, s_hi = store.shard_range(s, n)
+            f, _ = store.read_shard(snap, split, s)
+            parts.append(f[max(lo, s_lo) - s_lo: min(hi, s_hi) - s_lo])
+        return torch.from_numpy(np.concatenate(parts)).to(self.dist.device, torch.float64)
+
+    def _part_path(self, rank: int) -> Path:
+        return self.out_dir / ".parts" / f"scores-rank{rank:04d}.npy"
+
+    def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None) -> None:
+        """scores[:, my query block], streamed over train shards, into this rank's part file."""
+        q_lo, q_hi = self._query_block()
+        if self.dist.rank == 0:
+            (self.out_dir / ".parts").mkdir(exist_ok=True)
+        self.dist.barrier()
+        part = np.lib.format.open_memmap(self._part_path(self.dist.rank), mode="w+", dtype=np.float32,
+                                         shape=(self.n_train, q_hi - q_lo))
+        device = self.dist.device
+        w = weights.to(device) if weights is not None else None
+        chunks = list(range(q_lo, q_hi, self.query_chunk))
+        for i, c_lo in enumerate(chunks):
+            c_hi = min(q_hi, c_lo + self.query_chunk)
+            transformed = [self.method.transform(c, self._read_rows(store, s.name, "query", c_lo, c_hi)).T.contiguous()
+                           for c, s in enumerate(snapshots)]
+            for shard in range(store.num_shards(self.n_train)):
+                acc = None
+                for c, snap in enumerate(snapshots):
+                    f, _ = store.read_shard(snap.name, "train", shard)
+                    block = torch.from_numpy(f).to(device, torch.float64) @ transformed[c]
+                    acc = block if acc is None else acc.add_(block)
+                lo, hi = store.shard_range(shard, self.n_train)
+                if w is not None:
+                    acc *= w[lo:hi, None]
+                part[lo:hi, c_lo - q_lo:c_hi - q_lo] = acc.float().cpu().numpy()
+            if self.progress:
+                self.progress("score", i + 1, len(chunks))
+        part.flush()
+        del part
+
+    def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray) -> None:
+        scores_path = self.out_dir / "scores.npy"
+        if self.dist.world_size == 1:
+            os.replace(self._part_path(0), scores_path)
+        else:
+            scores = np.lib.format.open_memmap(self.out_dir / "scores.tmp.npy", mode="w+", dtype=np.float32,
+                                               shape=(self.n_train, self.n_query))
+            bounds = np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
+            for r in range(self.dist.world_size):
+                if bounds[r + 1] > bounds[r]:
+                    part = np.load(self._part_path(r), mmap_mode="r")
+                    for lo in range(0, self.n_train, 4096):
+                        scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
+            scores.flush()
+            del scores
+            os.replace(self.out_dir / "scores.tmp.npy", scores_path)
+        shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
+        save_array(self.out_dir / "self_influence.npy", self_influence.astype(np.float32))
+        save_array(self.out_dir / "train_ids.npy", store.ids(snapshots[0].name, "train"))
+        save_array(self.out_dir / "query_ids.npy", store.ids(snapshots[0].name, "query"))
+        save_json(self.out_dir / "manifest.json", {
+            "lightning_attrib_version": __version__,
+            **self.method.describe(),
+            "output": self.output.name,
+            "projector": self.projector_kind, "proj_dim": self._feature_dim(store, snapshots[0]), "seed": self.seed,
+            "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
+            "num_params": self._store_settings()["num_params"],
+            "n_train": self.n_train, "n_query": self.n_query,
+            "snapshots": [vars(s.info) for s in snapshots],
+            "world_size": self.dist.world_size,
+            "constant_self_influence": self.method.constant_self_influence,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
+        })
