@@ -1,0 +1,94 @@
+"""`lightning-attrib [APP] [hydra overrides]`: Hydra apps `train` (default) and `attribute`.
+
+Configs ship inside the package (`lightning_attrib/conf`, also reachable as `configs/` in the repository);
+add your own with Hydra's `--config-dir DIR`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_PATH = "conf"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the configured model with the configured callbacks; print where attribution results landed."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from .callbacks import AttributionCallback
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(model, datamodule=datamodule)
+    attribution = next((c for c in callbacks if isinstance(c, AttributionCallback)), None)
+    summary = {"out_dir": str(cfg.out_dir)}
+    if trainer.is_global_zero and attribution is not None and attribution.result is not None:
+        summary.update(_print_summary(cfg, trainer, datamodule, attribution))
+    return summary
+
+
+def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
+    import numpy as np
+
+    res = attribution.result
+    lines = ["", "=" * 72, f"lightning-attrib: {res.manifest['method']} on {res.manifest['n_train']} training x "
+             f"{res.manifest['n_query']} query examples, damping {res.manifest.get('damping')}"]
+    for key, val in sorted(attribution.metrics.items()):
+        lines.append(f"  {key:<55s} {val:.4f}")
+    flipped = getattr(datamodule, "train_flipped", None)
+    ids, values = res.suspects(int(cfg.get("print_suspects", 10)))
+    lines.append(f"Top {len(ids)} self-influence suspects (train id, score{', flipped' if flipped is not None else ''}):")
+    for i, v in zip(ids, values):
+        lines.append(f"  {int(i):6d}  {v:.4g}" + (f"  {'FLIPPED' if flipped[int(i)] else ''}" if flipped is not None else ""))
+    lines.append(f"Results:  {Path(res.out_dir).resolve()}  (load with lightning_attrib.load_results)")
+    wandb_dir = None
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            wandb_dir = str(Path(lg.experiment.dir).parent)
+            lines.append(f"W&B run:  {wandb_dir}  (offline: `wandb sync {wandb_dir}` to upload)")
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)
+    return {"metrics": attribution.metrics, "wandb_dir": wandb_dir, "result_dir": str(res.out_dir)}
+
+
+def attribute(cfg: DictConfig) -> dict:
+    """Score saved snapshots (no training) on `devices` ranks."""
+    from hydra.utils import instantiate
+
+    from .attribute import attribute as run_attribute
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model)
+    a = cfg.attribution
+    res = run_attribute(model, datamodule.train_dataloader().dataset, datamodule.val_dataloader().dataset,
+                        cfg.attrib_dir, snapshots=cfg.snapshots, method=a.method,
+                        method_kwargs=OmegaConf.to_container(a.method_kwargs, resolve=True), accelerator=cfg.accelerator,
+                        devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes, proj_dim=a.proj_dim,
+                        projector=a.projector, seed=a.seed, batch_size=a.batch_size)
+    print(f"lightning-attrib attribute: {res.manifest['method']} scores {tuple(res.scores.shape)} written to "
+          f"{Path(cfg.attrib_dir).resolve()} (world size {res.manifest['world_size']})", flush=True)
+    return {"result_dir": str(cfg.attrib_dir)}
+
+
+APPS = {"train": train, "attribute": attribute}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch `lightning-attrib APP overrides...` to the Hydra app APP (default `train`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    app = args.pop(0) if args and args[0] in APPS else "train"
+    if args and args[0] in ("-h", "--help") and len(args) == 1:
+        print(f"usage: lightning-attrib [{'|'.join(APPS)}] [hydra overrides...]\n"
+              f"  apps: " + ", ".join(f"{k}: {v.__doc__.splitlines()[0]}" for k, v in APPS.items()))
+    sys.argv = [f"lightning-attrib {app}"] + args
+    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=app)(APPS[app])()

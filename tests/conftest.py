@@ -1,0 +1,21 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture
+def wandb_dirs(tmp_path, monkeypatch):
+    """Point every W&B directory at a temp dir and force offline mode."""
+    d = tmp_path / "wandb_home"
+    d.mkdir()
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(d))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    return d

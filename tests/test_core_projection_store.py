@@ -1,0 +1,140 @@
+"""Projection (JL, determinism, chunking), store resumption, and the errors bad input gets."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot, StoreMismatchError
+from lightning_attrib.core import gradients as gradients_mod
+from lightning_attrib.core.projection import BLOCK_ROWS
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_projection_preserves_inner_products(kind):
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(20, 3000, generator=g)
+    proj = RandomProjector(3000, 4096, kind, seed=1)
+    pv = proj(v).double()
+    gram, pgram = (v.double() @ v.double().T), pv @ pv.T
+    norms = v.double().norm(dim=1)
+    err = (pgram - gram).abs() / (norms[:, None] * norms[None, :])
+    assert err.max() < 0.08  # JL: distortion ~ 1/sqrt(k) = 0.016 per pair, 5 sigma margin
+    assert err.mean() < 0.02
+
+
+def test_projection_deterministic_and_chunking_invariant():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 5 * BLOCK_ROWS + 17, generator=g)
+    a = RandomProjector(v.shape[1], 64, seed=7, chunk_rows=BLOCK_ROWS, cache_bytes=0)(v)
+    b = RandomProjector(v.shape[1], 64, seed=7, chunk_rows=8 * BLOCK_ROWS)(v)
+    c = RandomProjector(v.shape[1], 64, seed=7)(v)
+    assert torch.equal(b, c)  # same seed -> bit-identical
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)  # chunking only reorders the sum
+    full = v.double() @ RandomProjector(v.shape[1], 64, seed=7).matrix().double()
+    torch.testing.assert_close(c.double(), full, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(c, RandomProjector(v.shape[1], 64, seed=8)(v))
+
+
+def _data(n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    train, query = _data(50), _data(12, seed=1)
+    reference = Attributor(_model(), TRAK(), train, query, tmp_path / "ref", proj_dim=32, shard_size=8).run()
+
+    calls = {"examples": 0}
+    original = gradients_mod.PerExampleGradients.__call__
+
+    def counting(self, batch):
+        out = original(self, batch)
+        calls["examples"] += out.shape[0]
+        return out
+
+    monkeypatch.setattr(gradients_mod.PerExampleGradients, "__call__", counting)
+
+    def crash_after_three(stage, done, total):
+        if stage.endswith("/train") and done == 3:
+            raise _Crash("simulated crash")
+
+    with pytest.raises(_Crash):
+        Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8,
+                   progress=crash_after_three).run()
+    assert calls["examples"] == 24  # three shards of 8 finished and were kept
+    calls["examples"] = 0
+    resumed = Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8).run()
+    assert calls["examples"] == (50 - 24) + 12  # only the unfinished train rows and the queries
+    np.testing.assert_array_equal(np.asarray(resumed.scores), np.asarray(reference.scores))
+    np.testing.assert_array_equal(resumed.self_influence, reference.self_influence)
+    np.testing.assert_array_equal(resumed.train_ids, np.arange(50))
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        Attributor(_model(), TRAK(), _data(0), _data(3), tmp_path)
+    with pytest.raises(ValueError, match="query_dataset is empty"):
+        Attributor(_model(), TRAK(), _data(5), _data(0), tmp_path)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_proj_dim_is_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="proj_dim must be a positive integer"):
+        Attributor(_model(), TRAK(), _data(5), _data(3), tmp_path, proj_dim=bad)
+
+
+def test_unwritable_out_dir_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="out_dir=.* is not writable"):
+        Attributor(_model(), TRAK(), _data(5), _data(3), blocker / "sub")
+
+
+def test_non_finite_gradient_names_the_example_and_keeps_finished_shards(tmp_path):
+    ds = _data(30)
+    ds.tensors[0][17, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite gradient for train example 17"):
+        Attributor(_model(), TRAK(), ds, _data(3), tmp_path, proj_dim=8, shard_size=8).run()
+    done = sorted(p.name for p in (tmp_path / "features" / "margin" / "final" / "train").glob("shard-*.npz"))
+    assert done == ["shard-000000.npz", "shard-000001.npz"]  # the shards before the bad one survive
+
+
+def test_store_written_with_other_settings_is_refused(tmp_path):
+    Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
+    with pytest.raises(StoreMismatchError, match="proj_dim: stored 8 vs now 16"):
+        Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=16).run()
+    with pytest.raises(StoreMismatchError, match="seed: stored 0 vs now 1"):
+        Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8, seed=1).run()
+    other = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(StoreMismatchError, match="params"):
+        Attributor(other, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
+
+
+def test_changed_checkpoint_weights_are_refused(tmp_path):
+    model = _model()
+    Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=model.state_dict())])
+    changed = {k: v + 1 for k, v in model.state_dict().items()}
+    with pytest.raises(StoreMismatchError, match="featurized from other weights"):
+        Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=changed)])
+
+
+def test_snapshot_of_another_architecture_is_refused(tmp_path):
+    other = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).state_dict()
+    with pytest.raises(ValueError, match="does not fit the module"):
+        Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("x", state_dict=other)])
+
+
+def test_changed_dataset_is_refused(tmp_path):
+    Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
+    with pytest.raises(StoreMismatchError, match="the dataset changed"):
+        Attributor(_model(), TRAK(), _data(12), _data(3), tmp_path, proj_dim=8).run()
