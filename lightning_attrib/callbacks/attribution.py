@@ -217,24 +217,24 @@ def _first_loader(loaders: Any):
 
 
 class _ProgressBars:
-    """Lightning-style tqdm bars for the featurization and scoring stages (rank 0 only)."""
+    """Lightning-style tqdm bars, one stage at a time (rank 0 only)."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bars = enabled, {}
+        self.enabled, self.stage, self.bar = enabled, None, None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
         from tqdm.auto import tqdm
 
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=f"Attribution: {stage}", unit="shard", leave=False,
-                                          dynamic_ncols=True)
-        bar.n = done
-        bar.refresh()
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=f"Attribution: {stage}", unit="shard", dynamic_ncols=True)
+        self.bar.n = done
+        self.bar.refresh()
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
+        if self.bar is not None:
+            self.bar.close()
+        self.stage, self.bar = None, None
