@@ -80,7 +80,63 @@ def attribute(cfg: DictConfig) -> dict:
     return {"result_dir": str(cfg.attrib_dir)}
 
 
-APPS = {"train": train, "attribute": attribute}
+def subset(cfg: DictConfig) -> dict:
+    """Train on one random subset (an LDS ground-truth job); run many with `-m lds.index='range(0,M)'`."""
+    from .sweeps import train_subset
+
+    return train_subset(cfg)
+
+
+def lds(cfg: DictConfig) -> dict:
+    """One command for LDS: full-data attribution, a Hydra multirun of subset retrainings, evaluation."""
+    import subprocess
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from .sweeps import evaluate
+
+    result_dir = cfg.lds.scores
+    if result_dir is None:
+        train(cfg)
+        result_dir = str(Path(cfg.out_dir) / "attrib")
+    forwarded = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~").startswith(("lds.", "hydra"))]
+    cmd = [sys.executable, "-m", "lightning_attrib", "subset", "-m", *forwarded, f"lds.dir={cfg.lds.dir}",
+           f"lds.index=range(0,{int(cfg.lds.num_subsets)})", f"lds.alpha={cfg.lds.alpha}", f"lds.seed={cfg.lds.seed}",
+           f"lds.output={cfg.lds.output}", *list(cfg.lds.launcher_overrides)]
+    if cfg.lds.launcher != "basic":
+        cmd.insert(5, f"hydra/launcher={cfg.lds.launcher}")
+    print("lightning-attrib lds: subset sweep:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    report = evaluate(cfg.lds.dir, result_dir, datamodels=cfg.lds.datamodels, heldout_fraction=cfg.lds.heldout_fraction)
+    print(f"lightning-attrib lds: {report.get('method')} LDS = {report.get('lds', float('nan')):.4f} "
+          f"(95% CI {report.get('lds_ci')}) over {report['num_subsets']} subsets; datamodels held-out LDS = "
+          f"{report.get('datamodels_lds_heldout', float('nan')):.4f}. Written to {Path(cfg.lds.dir) / 'lds.json'}",
+          flush=True)
+    _log_lds(cfg, report, result_dir)
+    return report
+
+
+def _log_lds(cfg: DictConfig, report: dict, result_dir: str) -> None:
+    """LDS scalars (+ a predicted-vs-actual scatter on W&B) through the configured logger, if any."""
+    if not cfg.get("lds_logger"):
+        return
+    from hydra.utils import instantiate
+
+    from .sweeps import scatter_rows
+
+    logger = instantiate(cfg.lds_logger)
+    logger.log_metrics({k: v for k, v in {"lds/lds": report.get("lds"), "lds/datamodels_heldout":
+                        report.get("datamodels_lds_heldout")}.items() if v is not None})
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        table = wandb.Table(columns=["query", "predicted", "actual"], data=scatter_rows(result_dir, cfg.lds.dir))
+        logger.experiment.log({"lds/scatter": wandb.plot.scatter(table, "predicted", "actual", title="LDS: predicted vs actual")})
+    logger.save()
+    logger.finalize("success")
+
+
+APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds}
 
 
 def main(argv: list[str] | None = None) -> None:
