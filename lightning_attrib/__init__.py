@@ -1,9 +1,30 @@
-"""lightning-attrib: training-data attribution inside PyTorch Lightning runs."""
+"""lightning-attrib: training-data attribution inside PyTorch Lightning runs.
+
+Attributes are imported lazily, so `lightning_attrib.core` / `.metrics` / `.analysis` do not pay for importing
+Lightning (seconds per process, and per spawned DDP worker).
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .core.results import AttributionResult, load_results  # noqa: E402
-from .callbacks import AttributionCallback, CheckpointCapture  # noqa: E402
-from .attribute import attribute, snapshots_from  # noqa: E402
+_LAZY = {
+    "AttributionCallback": "lightning_attrib.callbacks",
+    "CheckpointCapture": "lightning_attrib.callbacks",
+    "GradientCapture": "lightning_attrib.callbacks",
+    "attribute": "lightning_attrib.attribute",
+    "snapshots_from": "lightning_attrib.attribute",
+    "AttributionResult": "lightning_attrib.core.results",
+    "load_results": "lightning_attrib.core.results",
+}
 
-__all__ = ["AttributionCallback", "AttributionResult", "CheckpointCapture", "__version__", "attribute",
-           "load_results", "snapshots_from"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_attrib' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`lightning-attrib [APP] [hydra overrides]`: Hydra apps `train` (default) and `attribute`.
+"""`lightning-attrib [APP] [hydra overrides]`: Hydra apps `train` (default), `attribute`, `subset`, `lds`, `modeldiff`, `leakage`.
 
 Configs ship inside the package (`lightning_attrib/conf`, also reachable as `configs/` in the repository);
 add your own with Hydra's `--config-dir DIR`.
@@ -136,7 +136,66 @@ def _log_lds(cfg: DictConfig, report: dict, result_dir: str) -> None:
     logger.finalize("success")
 
 
-APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds}
+def _datasets(cfg: DictConfig):
+    """(train, query) datasets of the configured data module, or (None, None) when no `data` is configured."""
+    if not cfg.get("data"):
+        return None, None
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule.train_dataloader().dataset, datamodule.val_dataloader().dataset
+
+
+def _wandb_run(cfg: DictConfig):
+    if not cfg.get("logger"):
+        return None
+    from hydra.utils import instantiate
+
+    logger = instantiate(cfg.logger)
+    return logger.experiment if type(logger).__name__ == "WandbLogger" else None
+
+
+def modeldiff(cfg: DictConfig) -> dict:
+    """Compare two recipes' attribution results (ModelDiff): directions one uses and the other does not."""
+    from .analysis import modeldiff as run_modeldiff
+
+    md = run_modeldiff(cfg.a, cfg.b, n_components=cfg.n_components, projection=cfg.projection)
+    out = md.save(Path(cfg.out_dir) / "modeldiff", k=cfg.top_k)
+    print(md.report(k=min(10, cfg.top_k)), f"\nModelDiff written to {out}", sep="\n", flush=True)
+    run = _wandb_run(cfg)
+    if run is not None:
+        from .reporting.analyses import log_modeldiff
+
+        train_ds, query_ds = _datasets(cfg)
+        log_modeldiff(run, md, train_ds, query_ds, k=cfg.top_k)
+        print(f"W&B run: {Path(run.dir).parent}", flush=True)
+        run.finish()
+    return {"out": str(out)}
+
+
+def leakage(cfg: DictConfig) -> dict:
+    """Rank suspected train-test duplicate pairs of a saved attribution result."""
+    from .analysis import detect_leakage, load_store_features
+    from .core.results import load_results
+
+    res = load_results(cfg.result)
+    train_ds, query_ds = _datasets(cfg)
+    report = detect_leakage(res, train_ds, query_ds, *load_store_features(res), top_k=cfg.top_k)
+    path = report.save(Path(cfg.out_dir) / "leakage.json")
+    print(report.table(20), f"Leakage report written to {path}", sep="\n", flush=True)
+    run = _wandb_run(cfg)
+    if run is not None:
+        from .reporting.analyses import leakage_table
+
+        run.log({"leakage/pairs": leakage_table(report, train_ds, query_ds, k=cfg.top_k), "leakage/flags": report.flags})
+        run.finish()
+    return {"flags": report.flags, "out": str(path)}
+
+
+APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds, "modeldiff": modeldiff,
+        "leakage": leakage}
 
 
 def main(argv: list[str] | None = None) -> None:

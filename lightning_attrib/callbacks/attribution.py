@@ -43,6 +43,8 @@ class AttributionCallback(Callback):
         num_suspects, num_gallery_queries, gallery_k: sizes of the reported tables.
         to_image: `x -> HxW(xC) array` for W&B images (default: square-reshape of flat inputs, or CHW/HW tensors).
         log_images: build W&B tables with images.
+        leakage: also rank suspected train-test duplicate pairs (`analysis.detect_leakage`): `leakage.json` in
+            `out_dir`, the flag count as a scalar and, on W&B, a table with both images side by side.
 
     Only global rank 0 writes result files and logs; every rank takes part in featurization and scoring.
     """
@@ -53,7 +55,7 @@ class AttributionCallback(Callback):
                  params: Sequence[str] | Callable | None = None, projector: str = "rademacher", seed: int = 0,
                  batch_size: int = 64, shard_size: int = 512, mislabeled: Sequence[bool] | np.ndarray | None = None,
                  num_suspects: int = 50, num_gallery_queries: int = 8, gallery_k: int = 5,
-                 to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True):
+                 to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False):
         super().__init__()
         if isinstance(method, str):
             make_method(method, **(method_kwargs or {}))  # validates name and arguments now, not after training
@@ -78,7 +80,8 @@ class AttributionCallback(Callback):
         self.batch_size, self.shard_size = batch_size, shard_size
         self.mislabeled = None if mislabeled is None else np.asarray(mislabeled, dtype=bool)
         self.num_suspects, self.num_gallery_queries, self.gallery_k = num_suspects, num_gallery_queries, gallery_k
-        self.to_image, self.log_images = to_image, log_images
+        self.to_image, self.log_images, self.leakage = to_image, log_images, leakage
+        self.leakage_report = None
         self.result: AttributionResult | None = None
         self.metrics: dict[str, float] = {}
 
@@ -188,11 +191,17 @@ class AttributionCallback(Callback):
                 metric.update(ranking, torch.as_tensor(truth))
                 for key, val in metric.compute().items():
                     metrics[f"attrib/mislabel/{name}/{key}"] = float(val)
+        if self.leakage:
+            from ..analysis import detect_leakage, load_store_features
+
+            self.leakage_report = detect_leakage(res, train_ds, query_ds, *load_store_features(res))
+            self.leakage_report.save(self.out_dir / "leakage.json")
+            metrics["attrib/leakage/flags"] = float(self.leakage_report.flags)
         self.metrics = metrics
         make_reporter(trainer).report(
             res, metrics, train_ds=train_ds, query_ds=query_ds, train_pred=train_pred, query_pred=query_pred,
             truth=truth, to_image=self.to_image, log_images=self.log_images, num_suspects=self.num_suspects,
-            num_gallery_queries=self.num_gallery_queries, gallery_k=self.gallery_k)
+            num_gallery_queries=self.num_gallery_queries, gallery_k=self.gallery_k, leakage=self.leakage_report)
         rank_zero_info(f"[lightning-attrib] {res.manifest['method']} scores for {res.manifest['n_train']} training x "
                        f"{res.manifest['n_query']} query examples written to {self.out_dir}")
 

@@ -33,7 +33,7 @@ class WandbReporter(LoggerReporter):
 
     def report(self, result: AttributionResult, metrics: dict[str, float], step: int | None = None, *, train_ds=None,
                query_ds=None, train_pred=None, query_pred=None, truth=None, to_image=None, log_images=True,
-               num_suspects=50, num_gallery_queries=8, gallery_k=5, **_: Any) -> None:
+               num_suspects=50, num_gallery_queries=8, gallery_k=5, leakage=None, **_: Any) -> None:
         import wandb
 
         run = self.wandb_logger.experiment
@@ -48,6 +48,10 @@ class WandbReporter(LoggerReporter):
         if train_ds is not None and query_ds is not None:
             payload["attrib/query_gallery"] = self._gallery_table(result, train_ds, query_ds, query_pred, to_image,
                                                                   log_images, num_gallery_queries, gallery_k)
+        if leakage is not None:
+            from .analyses import leakage_table
+
+            payload["attrib/leakage_pairs"] = leakage_table(leakage, train_ds, query_ds, to_image=to_image)
         run.log(payload)
         artifact = wandb.Artifact(f"attribution-{run.id}", type="attribution",
                                   metadata={k: v for k, v in result.manifest.items() if k != "timings"})
