@@ -1,8 +1,11 @@
 import os
 import warnings
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core box spinning made small solves 100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)  # a loaded 2-core CI box runs tiny models far faster on one thread
 os.environ.setdefault("WANDB_MODE", "offline")
