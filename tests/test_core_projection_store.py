@@ -138,3 +138,10 @@ def test_changed_dataset_is_refused(tmp_path):
     Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
     with pytest.raises(StoreMismatchError, match="the dataset changed"):
         Attributor(_model(), TRAK(), _data(12), _data(3), tmp_path, proj_dim=8).run()
+
+
+def test_self_influence_can_be_skipped_and_says_so(tmp_path):
+    full = Attributor(_model(), TRAK(), _data(20), _data(4), tmp_path / "a", proj_dim=8).run()
+    res = Attributor(_model(), TRAK(), _data(20), _data(4), tmp_path / "b", proj_dim=8, self_influence=False).run()
+    assert np.isnan(res.self_influence).all() and res.manifest["self_influence_computed"] is False
+    np.testing.assert_array_equal(np.asarray(res.scores), np.asarray(full.scores))

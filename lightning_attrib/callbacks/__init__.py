@@ -1,5 +1,6 @@
-"""Lightning callbacks: capture snapshots during fit, attribute on fit end."""
+"""Lightning callbacks: capture snapshots (and per-example gradients) during fit, attribute on fit end."""
 from .attribution import AttributionCallback
 from .checkpoint_capture import CheckpointCapture
+from .gradient_capture import GradientCapture
 
-__all__ = ["AttributionCallback", "CheckpointCapture"]
+__all__ = ["AttributionCallback", "CheckpointCapture", "GradientCapture"]

@@ -1,5 +1,6 @@
 """Plain-torch attribution engine (no Lightning import): outputs, gradients, projection, store, methods, pipeline."""
 from .dist import Dist, LocalDist, TorchDist
+from .factorized import FactorizedProjector
 from .gradients import PerExampleGradients, select_parameters
 from .methods import TRAK, FeatureMethod
 from .outputs import ClassificationMargin, CrossEntropyLoss, OutputFunction, resolve_output
@@ -10,7 +11,8 @@ from .store import FeatureStore, StoreMismatchError
 
 __all__ = [
     "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "Dist", "FeatureMethod",
-    "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector", "Snapshot",
+    "FactorizedProjector", "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
+    "Snapshot",
     "StoreMismatchError", "TRAK", "TorchDist", "load_results", "resolve_output", "select_parameters",
     "weights_fingerprint",
 ]

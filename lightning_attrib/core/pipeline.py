@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from .batches import move_to
 from .dist import Dist, LocalDist
+from .factorized import FactorizedProjector
 from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
+from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
 from .projection import RandomProjector
 from .results import AttributionResult, load_results, save_array, save_json
@@ -97,6 +99,8 @@ class Attributor:
         collate_fn, num_workers: as for a DataLoader over the datasets.
         dist: collectives (`LocalDist()` by default); `device` comes from it.
         progress: optional callback `(stage, done, total)`.
+        self_influence: compute self-influence (one extra T_c per training example: free for TRAK-like methods,
+            n_train iterative solves for influence/cg and lissa). When False, `self_influence.npy` holds NaN.
     """
 
     def __init__(self, module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
@@ -104,7 +108,7 @@ class Attributor:
                  params: ParamSelector = None, output_fn: str | OutputFunction | Callable | None = None,
                  batch_size: int = 64, shard_size: int = 512, query_chunk: int = 1024,
                  collate_fn: Callable | None = None, num_workers: int = 0, dist: Dist | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, self_influence: bool = True):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(method, FeatureMethod):
@@ -128,6 +132,7 @@ class Attributor:
         self.batch_size, self.shard_size, self.query_chunk = batch_size, shard_size, query_chunk
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.progress = progress
+        self.compute_self_influence = bool(self_influence)
         self.timings: dict[str, float] = {}
 
     # -- public ----------------------------------------------------------------------------------
@@ -144,9 +149,19 @@ class Attributor:
         try:
             store = self._open_store()
             t0 = time.perf_counter()
-            for snap in snapshots:
+            # Optional hook for methods that need the model and the training data, not just features (influence
+            # functions with explicit/cg/lissa/ekfac curvature): `method.prepare(ModelContext)` runs on every rank
+            # right after each snapshot is featurized, while the module holds that snapshot's weights.
+            prepare, prepare_s = getattr(self.method, "prepare", None), 0.0
+            for c, snap in enumerate(snapshots):
                 self._featurize_snapshot(store, snap)
-            self.timings["featurize_s"] = time.perf_counter() - t0
+                if callable(prepare):
+                    t1 = time.perf_counter()
+                    prepare(self._model_context(store, c, snap))
+                    prepare_s += time.perf_counter() - t1
+            self.timings["featurize_s"] = time.perf_counter() - t0 - prepare_s
+            if callable(prepare):
+                self.timings["prepare_s"] = prepare_s
         finally:
             self.module.load_state_dict(original)
         t0 = time.perf_counter()
@@ -155,7 +170,8 @@ class Attributor:
         self.timings["fit_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         weights = self.method.train_weights()
-        self_influence = self._self_influence(store, snapshots, weights)
+        self_influence = (self._self_influence(store, snapshots, weights) if self.compute_self_influence
+                          else np.full(self.n_train, np.nan))
         self._score_my_queries(store, snapshots, weights)
         self.timings["score_s"] = time.perf_counter() - t0
         self.dist.barrier()
@@ -167,13 +183,20 @@ class Attributor:
     # -- featurization ---------------------------------------------------------------------------
     def _store_settings(self) -> dict:
         params = dict(self.module.named_parameters())
-        return {
+        settings = {
             "projector": self.projector_kind, "proj_dim": self.proj_dim if self.projector_kind != "identity" else None,
             "seed": self.seed, "output": self.output.name, "normalize": self.method.normalize_features,
             "params": hashlib.sha1(
                 ";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
             "num_params": int(sum(params[n].numel() for n in self.param_names)),
         }
+        if self.projector_kind == "factorized":  # which layers are factorized and how k is split among them
+            settings["factorized_layout"] = self._factorized_projector().layout_hash
+        return settings
+
+    def _factorized_projector(self) -> FactorizedProjector:
+        return FactorizedProjector(self.module, self.output, self.param_names, self.proj_dim, self.seed,
+                                   device=self.dist.device)
 
     def _open_store(self) -> FeatureStore:
         root = self.out_dir / "features" / self.output.name
@@ -199,8 +222,14 @@ class Attributor:
             store.create(snap.name, "train", np.arange(self.n_train))
             store.create(snap.name, "query", np.arange(self.n_query))
         self.dist.barrier()
-        grads = PerExampleGradients(self.module, self.output, self.param_names)
-        projector = RandomProjector(grads.num_params, self.proj_dim, self.projector_kind, self.seed, device=self.dist.device)
+        if self.projector_kind == "factorized":
+            # Kronecker-factorized features straight from one batched backward: no per-example gradients,
+            # no dense projector (`grads(batch)` already returns (B, k) features).
+            grads, projector = self._factorized_projector(), None
+        else:
+            grads = PerExampleGradients(self.module, self.output, self.param_names)
+            projector = RandomProjector(grads.num_params, self.proj_dim, self.projector_kind, self.seed,
+                                        device=self.dist.device)
         for split, dataset in (("train", self.train_dataset), ("query", self.query_dataset)):
             n = len(dataset)
             mine = [s for s in store.pending_shards(snap.name, split) if s % self.dist.world_size == self.dist.rank]
@@ -212,8 +241,8 @@ class Attributor:
                     self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
         self.dist.barrier()
 
-    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: PerExampleGradients,
-                        projector: RandomProjector, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
+    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: PerExampleGradients | FactorizedProjector,
+                        projector: RandomProjector | None, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
                             collate_fn=self.collate_fn, num_workers=self.num_workers)
         feats, weights, offset = [], [], lo
@@ -222,15 +251,16 @@ class Attributor:
         try:
             for batch in loader:
                 batch = move_to(batch, self.dist.device)
-                g = grads(batch)
-                bad = (~torch.isfinite(g).all(dim=1)).nonzero()
+                g = grads(batch)  # (B, p) gradients, or (B, k) features when projector is None (factorized)
+                # fast path: a finite total means every entry is finite (the full check only runs otherwise)
+                bad = (~torch.isfinite(g).all(dim=1)).nonzero() if not torch.isfinite(g.sum()) else []
                 if len(bad):
                     idx = offset + int(bad[0])
                     raise ValueError(
                         f"non-finite gradient for {what} {idx} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
                         "Check that example and the model's numerics; shards finished so far are kept on disk."
                     )
-                f = projector(g)
+                f = projector(g) if projector is not None else g
                 if self.method.normalize_features:
                     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 feats.append(f.cpu().numpy())
@@ -239,6 +269,28 @@ class Attributor:
         finally:
             self.module.train(was_training)
         return np.concatenate(feats), np.concatenate(weights)
+
+    def _model_context(self, store: FeatureStore, index: int, snap: Snapshot) -> ModelContext:
+        """What `method.prepare` sees (see `methods/context.py`): module at `snap`'s weights, training data, features."""
+        mine = self._my_train_shards(store)
+        local_rows = np.concatenate([np.arange(*store.shard_range(s, self.n_train)) for s in mine] or
+                                    [np.zeros(0, dtype=np.int64)])
+
+        def train_batches(rows, batch_size: int | None = None):
+            loader = DataLoader(Subset(self.train_dataset, [int(r) for r in rows]), batch_size=batch_size or self.batch_size,
+                                shuffle=False, collate_fn=self.collate_fn, num_workers=self.num_workers)
+            return (move_to(batch, self.dist.device) for batch in loader)
+
+        def train_features():
+            return ((lo, hi, f) for lo, hi, f, _ in store.iter_shards(snap.name, "train", mine))
+
+        return ModelContext(
+            module=self.module, param_names=self.param_names, output=self.output, dist=self.dist,
+            snapshot_index=index, snapshot=snap.info, n_train=self.n_train, local_rows=local_rows,
+            train_batches=train_batches, train_features=train_features,
+            projector={"projector": self.projector_kind, "proj_dim": self.proj_dim, "seed": self.seed},
+            batch_size=self.batch_size,
+        )
 
     # -- statistics, scoring ---------------------------------------------------------------------
     def _my_train_shards(self, store: FeatureStore) -> list[int]:
@@ -352,6 +404,7 @@ class Attributor:
             "snapshots": [vars(s.info) for s in snapshots],
             "world_size": self.dist.world_size,
             "constant_self_influence": self.method.constant_self_influence,
+            "self_influence_computed": self.compute_self_influence,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
         })

@@ -12,7 +12,9 @@ import math
 import torch
 
 BLOCK_ROWS = 1024
-PROJECTOR_KINDS = ("rademacher", "gaussian", "identity")
+DENSE_KINDS = ("rademacher", "gaussian", "identity")
+# "factorized": Kronecker-factorized projection from one batched backward (core/factorized.py), no p x k matrix.
+PROJECTOR_KINDS = DENSE_KINDS + ("factorized",)
 
 
 class RandomProjector:
@@ -20,8 +22,9 @@ class RandomProjector:
 
     def __init__(self, num_params: int, proj_dim: int, kind: str = "rademacher", seed: int = 0,
                  chunk_rows: int = 8 * BLOCK_ROWS, cache_bytes: int = 256 * 2**20, device: str | torch.device = "cpu"):
-        if kind not in PROJECTOR_KINDS:
-            raise ValueError(f"projector kind must be one of {PROJECTOR_KINDS}, got {kind!r}")
+        if kind not in DENSE_KINDS:
+            hint = ": use core.factorized.FactorizedProjector" if kind == "factorized" else ""
+            raise ValueError(f"dense projector kind must be one of {DENSE_KINDS}, got {kind!r}{hint}")
         if kind == "identity":
             proj_dim = num_params
         if not isinstance(proj_dim, int) or proj_dim <= 0:

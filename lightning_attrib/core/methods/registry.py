@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 from .base import FeatureMethod
+from .gradsim import GradientCosine, GradientDot
+from .influence import InfluenceFunction
+from .tracin import TracIn
 from .trak import TRAK
 
-METHODS: dict[str, type[FeatureMethod]] = {"trak": TRAK}
+METHODS: dict[str, type[FeatureMethod]] = {
+    "trak": TRAK,
+    "influence": InfluenceFunction,   # solver="explicit" | "cg" | "lissa" | "ekfac" | "projected"
+    "tracin": TracIn,
+    "grad-dot": GradientDot,
+    "grad-cos": GradientCosine,
+}
 
 
 def make_method(name: str, **kwargs) -> FeatureMethod:
