@@ -116,6 +116,10 @@ METHOD_SPECS = {
 }
 
 
+# n_train iterative solves each; LDS needs only the query columns, so these skip self-influence here.
+NO_SELF_INFLUENCE = {"influence/cg", "influence/lissa"}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["lr", "mlp"], default="lr")
@@ -148,7 +152,8 @@ def main():
         t0 = time.perf_counter()
         try:
             res = Attributor(build(args.model), make_method(method, **kwargs), train_ds, query_ds, out,
-                             proj_dim=k or 2048, projector=projector, batch_size=128, shard_size=1024).run(snaps)
+                             proj_dim=k or 2048, projector=projector, batch_size=128, shard_size=1024,
+                             self_influence=name not in NO_SELF_INFLUENCE).run(snaps)
         except Exception as err:  # record and continue: one method's limit must not hide the others' numbers
             rows[name] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
             print(f"[{args.model}] {name}: {rows[name]['error']}", flush=True)
