@@ -16,20 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import detect_leakage, load_store_features
 from lightning_attrib.core import TRAK, Attributor
 from lightning_attrib.data.digits import load_digits_tensors
 
 
-def train_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
 
 
 def main() -> None:

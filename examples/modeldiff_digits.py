@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import modeldiff
 from lightning_attrib.core import TRAK, Attributor
 from lightning_attrib.data.digits import load_digits_tensors
@@ -31,15 +32,6 @@ from lightning_attrib.data.digits import load_digits_tensors
 PATCH = [0, 1, 8, 9]  # top-left 2x2 pixels of the 8x8 image, (almost) always blank in digits
 
 
-def train_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
 
 
 def main() -> None:

@@ -100,3 +100,16 @@ def digits_problem(n_train: int = 300, n_query: int = 10, classes: tuple[int, ..
     tr, qu = perm[:n_train], perm[n_train:n_train + n_query]
     num_classes = 10 if classes is None else len(classes)
     return ConvexProblem(x[tr].double(), y[tr], x[qu].double(), y[qu], num_classes, l2)
+
+
+def train_mlp(x: torch.Tensor, y: torch.Tensor, seed: int = 0, steps: int = 300, hidden: int = 32,
+              num_classes: int = 10) -> nn.Module:
+    """A small MLP trained full-batch with Adam: the model of the analysis tests and examples (seconds on a CPU)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model

@@ -99,13 +99,6 @@ def influence_scores(problem, model: nn.Linear) -> np.ndarray:
     return (-(g_loss @ torch.linalg.pinv(hess, hermitian=True) @ g_margin.T) / n).numpy()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The retrainings are many tiny L-BFGS runs: one thread is faster than two (and than a contended two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Leakage detection with planted truth: near-duplicates of test digits hidden in the training set."""
-import contextlib
 import json
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import LeakageReport, detect_leakage, load_store_features
 from lightning_attrib.analysis.leakage import robust_scale
 from lightning_attrib.core import TRAK, Attributor, AttributionResult, FeatureStore
@@ -16,26 +16,8 @@ from lightning_attrib.data.digits import load_digits_tensors
 N_TRAIN, N_QUERY, N_PLANTED, N_MISLABELED = 1200, 300, 20, 5
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to OpenMP spinning on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
-def train_mlp(x, y, seed=0, steps=300):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
 
 
 def attribute(model, x_tr, y_tr, x_q, y_q, out_dir):
@@ -62,8 +44,7 @@ def planted(digits_split, tmp_path_factory):
     labels = y_q[queries].clone()
     labels[N_PLANTED:] = (labels[N_PLANTED:] + 1 + torch.randint(0, 9, (N_MISLABELED,), generator=g)) % 10
     x_all, y_all = torch.cat([x_tr, dups]), torch.cat([y_tr, labels])
-    with one_thread():
-        result = attribute(train_mlp(x_all, y_all), x_all, y_all, x_q, y_q, tmp_path_factory.mktemp("planted"))
+    result = attribute(train_mlp(x_all, y_all), x_all, y_all, x_q, y_q, tmp_path_factory.mktemp("planted"))
     truth = {(N_TRAIN + k, int(queries[k])) for k in range(N_PLANTED)}
     wrong = {(N_TRAIN + k, int(queries[k])) for k in range(N_PLANTED, N_PLANTED + N_MISLABELED)}
     return result, x_all, x_q, truth, wrong
@@ -72,8 +53,7 @@ def planted(digits_split, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(digits_split, tmp_path_factory):
     x_tr, y_tr, x_q, y_q = digits_split
-    with one_thread():
-        result = attribute(train_mlp(x_tr, y_tr), x_tr, y_tr, x_q, y_q, tmp_path_factory.mktemp("clean"))
+    result = attribute(train_mlp(x_tr, y_tr), x_tr, y_tr, x_q, y_q, tmp_path_factory.mktemp("clean"))
     return result, x_tr, x_q
 
 

@@ -34,14 +34,6 @@ LISSA = dict(solver="lissa", batch_size=300, rhs_chunk=512, lissa_depth=100, lis
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 linear algebra: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core machine
-    (a 650 x 650 eigvalsh took 13 s with 2 threads under load, 0.03 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _aug(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
 """ModelDiff with planted truth: recipe B trains on digits where part of one class carries a stamped patch."""
-import contextlib
 import json
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import ModelDiffResult, load_modeldiff, modeldiff
 from lightning_attrib.analysis.modeldiff import normalize_columns, span_rank
 from lightning_attrib.core import TRAK, Attributor, AttributionResult
@@ -17,26 +17,8 @@ N_TRAIN, N_QUERY, STAMP_CLASS = 1200, 300, 3
 PATCH = [0, 1, 8, 9]  # top-left 2x2 pixels of the 8x8 image, (almost) always blank in digits
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to OpenMP spinning on a loaded 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
-def train_mlp(x, y, seed=0, steps=300):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +41,11 @@ def recipes(tmp_path_factory):
     x_b[np.ix_(stamped, PATCH)] = 1.0
     x_q[np.ix_(stamped_q, PATCH)] = 1.0
     results = {}
-    with one_thread():
-        for name, x_train in (("a", x_a), ("b", x_b)):
-            model = train_mlp(x_train, y_tr)
-            results[name] = Attributor(model, TRAK(use_q=False), TensorDataset(x_train, y_tr),
-                                       TensorDataset(x_q, y_q), tmp_path_factory.mktemp(f"recipe_{name}"),
-                                       proj_dim=512, batch_size=256).run()
+    for name, x_train in (("a", x_a), ("b", x_b)):
+        model = train_mlp(x_train, y_tr)
+        results[name] = Attributor(model, TRAK(use_q=False), TensorDataset(x_train, y_tr),
+                                   TensorDataset(x_q, y_q), tmp_path_factory.mktemp(f"recipe_{name}"),
+                                   proj_dim=512, batch_size=256).run()
     mask = np.zeros(N_TRAIN, bool)
     mask[stamped] = True
     q_mask = np.zeros(N_QUERY, bool)
