@@ -22,7 +22,7 @@ test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	WANDB_MODE=offline $(PY) -m lightning_attrib experiment=demo
+	WANDB_MODE=offline OMP_WAIT_POLICY=PASSIVE $(PY) -m lightning_attrib experiment=demo
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--n-query", type=int, default=200)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--methods", default=",".join(METHOD_SPECS))
+    ap.add_argument("--no-datamodels", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
     WORK.mkdir(exist_ok=True)
@@ -138,6 +139,9 @@ def main():
     epoch_s = (time.perf_counter() - t0) / (10 * args.epochs)
     print(f"[{args.model}] one training epoch: {epoch_s:.3f}s", flush=True)
     rows = {}
+    report = {"model": args.model, "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
+              "epoch_s": epoch_s, "methods": rows, "dattri_mnist10": DATTRI_MNIST10[args.model]}
+    out_json = WORK / f"lds_{args.model}.json"
     train_ds, query_ds = TensorDataset(*train_xy), TensorDataset(*query_xy)
     for name in args.methods.split(","):
         method, kwargs, projector, k, n_models, epoch_snaps = METHOD_SPECS[name]
@@ -164,14 +168,15 @@ def main():
                       "wall_s": round(wall, 1), "damping": res.manifest.get("damping")}
         print(f"[{args.model}] {name}: LDS {rows[name]['lds']:.3f} {rows[name]['ci']}  {wall:.1f}s", flush=True)
         shutil.rmtree(out / "features", ignore_errors=True)
+        out_json.write_text(json.dumps(report, indent=2))  # after every method: a kill keeps what finished
+    if args.no_datamodels:
+        return
     n_held = max(5, args.subsets // 5)
     dm = fit_datamodels(masks[n_held:], truth[n_held:])
     rows["datamodels (held-out)"] = {"lds": round(float(dm.lds(masks[:n_held], truth[:n_held])["lds"]), 4),
                                      "fit_subsets": args.subsets - n_held, "heldout_subsets": n_held}
     print(f"[{args.model}] datamodels held-out LDS: {rows['datamodels (held-out)']['lds']}", flush=True)
-    report = {"model": args.model, "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
-              "epoch_s": epoch_s, "methods": rows, "dattri_mnist10": DATTRI_MNIST10[args.model]}
-    (WORK / f"lds_{args.model}.json").write_text(json.dumps(report, indent=2))
+    out_json.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
 

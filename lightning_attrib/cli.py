@@ -39,8 +39,11 @@ def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
     import numpy as np
 
     res = attribution.result
+    damping = res.manifest.get("damping")
+    damping = ", ".join(f"{d:.4g}" for d in damping) if isinstance(damping, list) else damping
     lines = ["", "=" * 72, f"lightning-attrib: {res.manifest['method']} on {res.manifest['n_train']} training x "
-             f"{res.manifest['n_query']} query examples, damping {res.manifest.get('damping')}"]
+             f"{res.manifest['n_query']} query examples",
+             f"damping used: {damping} ({res.manifest.get('damping_rule', 'see manifest.json')})"]
     for key, val in sorted(attribution.metrics.items()):
         lines.append(f"  {key:<55s} {val:.4f}")
     flipped = getattr(datamodule, "train_flipped", None)
