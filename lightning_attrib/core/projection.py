@@ -18,10 +18,15 @@ PROJECTOR_KINDS = DENSE_KINDS + ("factorized",)
 
 
 class RandomProjector:
-    """Dense Rademacher/Gaussian projection of (B, p) gradients to (B, k) features; `identity` keeps them."""
+    """Dense Rademacher/Gaussian projection of (B, p) gradients to (B, k) features; `identity` keeps them.
+
+    P is kept in memory when it fits in `cache_bytes` (p * k * 4 bytes; default 1 GiB, e.g. p = 100k at k = 2048);
+    otherwise every batch regenerates it block by block, which dominates featurization for big models: use
+    `projector="factorized"` there.
+    """
 
     def __init__(self, num_params: int, proj_dim: int, kind: str = "rademacher", seed: int = 0,
-                 chunk_rows: int = 8 * BLOCK_ROWS, cache_bytes: int = 256 * 2**20, device: str | torch.device = "cpu"):
+                 chunk_rows: int = 8 * BLOCK_ROWS, cache_bytes: int = 2**30, device: str | torch.device = "cpu"):
         if kind not in DENSE_KINDS:
             hint = ": use core.factorized.FactorizedProjector" if kind == "factorized" else ""
             raise ValueError(f"dense projector kind must be one of {DENSE_KINDS}, got {kind!r}{hint}")
