@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     app = args.pop(0) if args and args[0] in APPS else "train"
     if args and args[0] in ("-h", "--help") and len(args) == 1:
-        print(f"usage: lightning-attrib [{'|'.join(APPS)}] [hydra overrides...]\n"
-              f"  apps: " + ", ".join(f"{k}: {v.__doc__.splitlines()[0]}" for k, v in APPS.items()))
+        print(f"usage: lightning-attrib [{'|'.join(APPS)}] [hydra overrides...]\napps:\n" +
+              "\n".join(f"  {k:<10s} {v.__doc__.splitlines()[0]}" for k, v in APPS.items()) + "\n")
     sys.argv = [f"lightning-attrib {app}"] + args
     hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=app)(APPS[app])()

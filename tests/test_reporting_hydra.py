@@ -101,3 +101,27 @@ def test_user_config_dir_adds_an_experiment(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((run_dir / "attrib" / "manifest.json").read_text())
     assert manifest["proj_dim"] == 8 and manifest["n_train"] == 40
+
+
+def test_attribute_app_scores_saved_snapshots_like_the_python_api(tmp_path):
+    import numpy as np
+    import torch
+
+    from lightning_attrib import attribute, load_results
+
+    torch.manual_seed(0)
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    model = LitClassifier(arch="mlp", hidden=16)
+    torch.save({"state_dict": model.state_dict(), "lr": 0.1, "step": 3}, snaps / "snapshot-step00000003.pt")
+    cmd = [sys.executable, "-m", "lightning_attrib", "attribute", f"snapshots={snaps}", "data.n_train=50",
+           "data.n_val=7", "model.hidden=16", "attribution.proj_dim=16", f"hydra.run.dir={tmp_path / 'cli'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli = load_results(tmp_path / "cli" / "attrib")
+    dm = DigitsDataModule(n_train=50, n_val=7)
+    api = attribute(LitClassifier(arch="mlp", hidden=16), dm.train_set, dm.val_set, tmp_path / "api", snapshots=snaps,
+                    proj_dim=16)
+    assert cli.manifest["snapshots"][0]["lr"] == 0.1
+    scale = np.abs(np.asarray(api.scores)).max()  # the subprocess runs 2 BLAS threads, pytest 1: summation order differs
+    assert np.abs(np.asarray(cli.scores) - np.asarray(api.scores)).max() <= 1e-5 * scale
