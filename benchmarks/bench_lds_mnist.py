@@ -107,6 +107,8 @@ METHOD_SPECS = {
     "trak-10": ("trak", {}, "rademacher", 2048, 10, False),
     "influence/explicit": ("influence", {"solver": "explicit", "max_params": 8000}, "identity", None, 1, False),
     "influence/cg": ("influence", {"solver": "cg"}, "identity", None, 1, False),
+    # non-convex models: the Hessian can be indefinite; CG on the Gauss-Newton matrix is always well posed
+    "influence/cg-ggn": ("influence", {"solver": "cg", "matrix": "ggn"}, "identity", None, 1, False),
     "influence/lissa": ("influence", {"solver": "lissa"}, "identity", None, 1, False),
     "influence/ekfac": ("influence", {"solver": "ekfac"}, "identity", None, 1, False),
     "influence/projected": ("influence", {"solver": "projected"}, "rademacher", 2048, 1, False),
@@ -117,7 +119,7 @@ METHOD_SPECS = {
 
 
 # n_train iterative solves each; LDS needs only the query columns, so these skip self-influence here.
-NO_SELF_INFLUENCE = {"influence/cg", "influence/lissa"}
+NO_SELF_INFLUENCE = {"influence/cg", "influence/cg-ggn", "influence/lissa"}
 
 
 def main():
@@ -142,6 +144,10 @@ def main():
     report = {"model": args.model, "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
               "epoch_s": epoch_s, "methods": rows, "dattri_mnist10": DATTRI_MNIST10[args.model]}
     out_json = WORK / f"lds_{args.model}.json"
+    if out_json.exists():  # a run with --methods adds to (or replaces) rows of an earlier run of the same setup
+        old = json.loads(out_json.read_text())
+        if (old["n_train"], old["n_query"], old["subsets"]) == (args.n_train, args.n_query, args.subsets):
+            rows.update(old["methods"])
     train_ds, query_ds = TensorDataset(*train_xy), TensorDataset(*query_xy)
     for name in args.methods.split(","):
         method, kwargs, projector, k, n_models, epoch_snaps = METHOD_SPECS[name]
