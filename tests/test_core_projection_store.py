@@ -145,3 +145,27 @@ def test_self_influence_can_be_skipped_and_says_so(tmp_path):
     res = Attributor(_model(), TRAK(), _data(20), _data(4), tmp_path / "b", proj_dim=8, self_influence=False).run()
     assert np.isnan(res.self_influence).all() and res.manifest["self_influence_computed"] is False
     np.testing.assert_array_equal(np.asarray(res.scores), np.asarray(full.scores))
+
+
+def test_params_subset_equals_freezing_the_other_parameters(tmp_path):
+    sub = Attributor(_model(), TRAK(), _data(20), _data(4), tmp_path / "sub", proj_dim=8, params=["2."]).run()
+    frozen = _model()
+    frozen[0].requires_grad_(False)
+    ref = Attributor(frozen, TRAK(), _data(20), _data(4), tmp_path / "frozen", proj_dim=8).run()
+    np.testing.assert_array_equal(np.asarray(sub.scores), np.asarray(ref.scores))
+    assert sub.manifest["params"] == ["2.weight", "2.bias"]
+
+
+def test_each_snapshot_gets_its_own_projection(tmp_path):
+    model = _model()
+    snaps = [Snapshot(n, state_dict=model.state_dict()) for n in ("a", "b")]  # same weights, two names
+    Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run(snaps)
+    from lightning_attrib.core import FeatureStore
+    from lightning_attrib.core.store import StoreMismatchError  # noqa: F401
+
+    import json
+    settings = json.loads((tmp_path / "features" / "margin" / "settings.json").read_text())["settings"]
+    store = FeatureStore(tmp_path / "features" / "margin", settings, 512, create=False)
+    fa, fb = store.load("a", "train")[0], store.load("b", "train")[0]
+    assert not np.allclose(fa, fb)  # independent projections of identical gradients
+    np.testing.assert_allclose((fa * fa).sum(1), (fb * fb).sum(1), rtol=0.9)  # both JL sketches of one vector

@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot
+from lightning_attrib.core.pipeline import snapshot_seed
 from lightning_attrib.core.outputs import margin_from_logits
 from lightning_attrib.testing import digits_problem, leave_one_out, mean_pearson
 
@@ -15,11 +16,11 @@ def tiny_mlp(seed=0):
     return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
 
 
-def brute_force_trak(module, snapshots, x_tr, y_tr, x_q, y_q, proj, damping_ratio):
-    """Explicit per-example margin gradients (autograd loop, float64), explicit P, explicit solve."""
-    p_mat = proj.matrix().double()
+def brute_force_trak(module, snapshots, x_tr, y_tr, x_q, y_q, projs, damping_ratio):
+    """Explicit per-example margin gradients (autograd loop, float64), explicit P per snapshot, explicit solve."""
     total, q_acc = 0, 0
-    for sd in snapshots:
+    for sd, proj in zip(snapshots, projs):
+        p_mat = proj.matrix().double()
         m = tiny_mlp().double()
         m.load_state_dict({k: v.double() for k, v in sd.items()})
 
@@ -57,8 +58,8 @@ def test_trak_equals_bruteforce_reference(tmp_path):
                      tmp_path, proj_dim=k, seed=3, batch_size=8, shard_size=10).run(
         [Snapshot(s.name, state_dict={k2: v.double() for k2, v in s.state_dict.items()}) for s in snaps])
     n_params = sum(p.numel() for p in module.parameters())
-    ref = brute_force_trak(module, [s.state_dict for s in snaps], x_tr, y_tr, x_q, y_q,
-                           RandomProjector(n_params, k, seed=3), 0.05)
+    projs = [RandomProjector(n_params, k, seed=snapshot_seed(3, s.name)) for s in snaps]
+    ref = brute_force_trak(module, [s.state_dict for s in snaps], x_tr, y_tr, x_q, y_q, projs, 0.05)
     rel = np.abs(np.asarray(res.scores) - ref).max() / np.abs(ref).max()
     assert rel < 1e-6, rel
     # self-influence is the diagonal of the same bilinear form on the training set itself

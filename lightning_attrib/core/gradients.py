@@ -78,7 +78,8 @@ class PerExampleGradients:
         try:
             params = {f"module.{n}": p.detach() for n, p in self.module.named_parameters() if n in set(self.param_names)}
             buffers = {f"module.{n}": b for n, b in self.module.named_buffers()}
-            grads = self._grad_fn(params, buffers, batch)
+            with torch.no_grad():  # torch.func.grad differentiates inside; no outer graph through unselected params
+                grads = self._grad_fn(params, buffers, batch)
         finally:
             self.module.train(was_training)
         flat = [grads[f"module.{n}"].reshape(grads[f"module.{n}"].shape[0], -1) for n in self.param_names]
