@@ -13,8 +13,8 @@ _LAZY = {
     "AttributionCallback": "lightning_attrib.callbacks",
     "CheckpointCapture": "lightning_attrib.callbacks",
     "GradientCapture": "lightning_attrib.callbacks",
-    "attribute": "lightning_attrib.attribute",
-    "snapshots_from": "lightning_attrib.attribute",
+    "attribute": "lightning_attrib.standalone",
+    "snapshots_from": "lightning_attrib.standalone",
     "AttributionResult": "lightning_attrib.core.results",
     "load_results": "lightning_attrib.core.results",
 }

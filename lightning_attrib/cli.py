@@ -66,7 +66,7 @@ def attribute(cfg: DictConfig) -> dict:
     """Score saved snapshots (no training) on `devices` ranks."""
     from hydra.utils import instantiate
 
-    from .attribute import attribute as run_attribute
+    from .standalone import attribute as run_attribute
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

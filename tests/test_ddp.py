@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_attrib import load_results
-from lightning_attrib.attribute import snapshots_from
+from lightning_attrib.standalone import snapshots_from
 from lightning_attrib.core import TRAK, Attributor
 from lightning_attrib.models import LitClassifier
 

@@ -48,7 +48,8 @@ def snapshots_from(source: str | os.PathLike | Sequence[str | os.PathLike | Snap
         if lr is None and meta.get("optimizer_states"):
             lr = meta["optimizer_states"][0]["param_groups"][0].get("lr")
         step = meta.get("step", meta.get("global_step"))
-        snaps.append(Snapshot(p.stem, path=str(p), lr=lr, step=step, epoch=meta.get("epoch")))
+        # the name CheckpointCapture recorded (it seeds the snapshot's projection), else the file name
+        snaps.append(Snapshot(str(meta.get("name") or p.stem), path=str(p), lr=lr, step=step, epoch=meta.get("epoch")))
         del meta
     return sorted(snaps, key=lambda s: (s.step if s.step is not None else -1, s.name))
 
