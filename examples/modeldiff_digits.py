@@ -27,9 +27,8 @@ from torch.utils.data import TensorDataset
 from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import modeldiff
 from lightning_attrib.core import TRAK, Attributor
-from lightning_attrib.data.digits import load_digits_tensors
+from lightning_attrib.data import DIGITS_CORNER_PATCH, load_digits_tensors, stamp_patch
 
-PATCH = [0, 1, 8, 9]  # top-left 2x2 pixels of the 8x8 image, (almost) always blank in digits
 
 
 
@@ -52,14 +51,9 @@ def main() -> None:
     x, y = load_digits_tensors()
     perm = rng.permutation(len(x))
     tr, q = perm[:1200], perm[1200:1500]
-    x_a, y_tr, x_q, y_q = x[tr].clone(), y[tr], x[q].clone(), y[q]
-    in_class = np.flatnonzero(y_tr.numpy() == args.stamp_class)
-    stamped = rng.choice(in_class, int(args.stamp_fraction * len(in_class)), replace=False)
-    q_class = np.flatnonzero(y_q.numpy() == args.stamp_class)
-    stamped_q = rng.choice(q_class, len(q_class) // 2, replace=False)
-    x_b = x_a.clone()
-    x_b[np.ix_(stamped, PATCH)] = 1.0
-    x_q[np.ix_(stamped_q, PATCH)] = 1.0
+    x_a, y_tr, y_q = x[tr].clone(), y[tr], y[q]
+    x_b, is_stamped = stamp_patch(x_a, y_tr, args.stamp_class, args.stamp_fraction, rng)
+    x_q, is_stamped_q = stamp_patch(x[q], y_q, args.stamp_class, 0.5, rng)
 
     results = {}
     for name, x_train in (("A (clean)", x_a), ("B (stamped)", x_b)):
@@ -67,7 +61,7 @@ def main() -> None:
         with torch.no_grad():
             acc = (model(x_q).argmax(1) == y_q).float().mean().item()
             others = x[q][y_q != args.stamp_class].clone()
-            others[:, PATCH] = 1.0
+            others[:, list(DIGITS_CORNER_PATCH)] = 1.0
             p_stamp = torch.softmax(model(others), 1)[:, args.stamp_class].mean().item()
         print(f"recipe {name}: query accuracy {acc:.3f}; mean p(class {args.stamp_class}) on other-class test "
               f"images with the patch {p_stamp:.3f}")
@@ -79,10 +73,6 @@ def main() -> None:
     md = modeldiff(results["a"], results["b"], n_components=args.n_components, projection=args.projection)
     print()
     print(md.report(k=10))
-    is_stamped = np.zeros(len(tr), bool)
-    is_stamped[stamped] = True
-    is_stamped_q = np.zeros(len(q), bool)
-    is_stamped_q[stamped_q] = True
     ids, loadings = md.b_minus_a.top_train(0, 20)
     frac = is_stamped[ids].mean()
     signs = "".join("+" if v > 0 else "-" for v in loadings[is_stamped[ids]])

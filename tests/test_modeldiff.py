@@ -11,14 +11,9 @@ from lightning_attrib.testing import train_mlp
 from lightning_attrib.analysis import ModelDiffResult, load_modeldiff, modeldiff
 from lightning_attrib.analysis.modeldiff import normalize_columns, span_rank
 from lightning_attrib.core import TRAK, Attributor, AttributionResult
-from lightning_attrib.data.digits import load_digits_tensors
+from lightning_attrib.data import load_digits_tensors, stamp_patch
 
 N_TRAIN, N_QUERY, STAMP_CLASS = 1200, 300, 3
-PATCH = [0, 1, 8, 9]  # top-left 2x2 pixels of the 8x8 image, (almost) always blank in digits
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +27,15 @@ def recipes(tmp_path_factory):
     x, y = load_digits_tensors()
     perm = rng.permutation(len(x))
     tr, q = perm[:N_TRAIN], perm[N_TRAIN:N_TRAIN + N_QUERY]
-    x_a, y_tr, x_q, y_q = x[tr].clone(), y[tr], x[q].clone(), y[q]
-    in_class = np.flatnonzero(y_tr.numpy() == STAMP_CLASS)
-    stamped = rng.choice(in_class, len(in_class) // 2, replace=False)
-    q_class = np.flatnonzero(y_q.numpy() == STAMP_CLASS)
-    stamped_q = rng.choice(q_class, len(q_class) // 2, replace=False)
-    x_b = x_a.clone()
-    x_b[np.ix_(stamped, PATCH)] = 1.0
-    x_q[np.ix_(stamped_q, PATCH)] = 1.0
+    x_a, y_tr, y_q = x[tr].clone(), y[tr], y[q]
+    x_b, mask = stamp_patch(x_a, y_tr, STAMP_CLASS, 0.5, rng)
+    x_q, q_mask = stamp_patch(x[q], y_q, STAMP_CLASS, 0.5, rng)
     results = {}
     for name, x_train in (("a", x_a), ("b", x_b)):
         model = train_mlp(x_train, y_tr)
         results[name] = Attributor(model, TRAK(use_q=False), TensorDataset(x_train, y_tr),
                                    TensorDataset(x_q, y_q), tmp_path_factory.mktemp(f"recipe_{name}"),
                                    proj_dim=512, batch_size=256).run()
-    mask = np.zeros(N_TRAIN, bool)
-    mask[stamped] = True
-    q_mask = np.zeros(N_QUERY, bool)
-    q_mask[stamped_q] = True
     return results["a"], results["b"], mask, q_mask
 
 
