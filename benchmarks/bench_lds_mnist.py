@@ -105,6 +105,8 @@ METHOD_SPECS = {
     "trak-1": ("trak", {}, "rademacher", 2048, 1, False),
     "trak-5": ("trak", {}, "rademacher", 2048, 5, False),
     "trak-10": ("trak", {}, "rademacher", 2048, 10, False),
+    "trak-1/tensorsketch": ("trak", {}, "tensorsketch", 2048, 1, False),
+    "trak-10/tensorsketch": ("trak", {}, "tensorsketch", 2048, 10, False),
     "influence/explicit": ("influence", {"solver": "explicit", "max_params": 8000}, "identity", None, 1, False),
     "influence/cg": ("influence", {"solver": "cg"}, "identity", None, 1, False),
     # non-convex models: the Hessian can be indefinite; CG on the Gauss-Newton matrix is always well posed
@@ -131,6 +133,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--methods", default=",".join(METHOD_SPECS))
     ap.add_argument("--no-datamodels", action="store_true")
+    ap.add_argument("--out", default=None, help="result JSON (default benchmarks/_work/lds_<model>.json)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     WORK.mkdir(exist_ok=True)
@@ -143,7 +146,7 @@ def main():
     rows = {}
     report = {"model": args.model, "n_train": args.n_train, "n_query": args.n_query, "subsets": args.subsets,
               "epoch_s": epoch_s, "methods": rows, "dattri_mnist10": DATTRI_MNIST10[args.model]}
-    out_json = WORK / f"lds_{args.model}.json"
+    out_json = Path(args.out) if args.out else WORK / f"lds_{args.model}.json"
     if out_json.exists():  # a run with --methods adds to (or replaces) rows of an earlier run of the same setup
         old = json.loads(out_json.read_text())
         if (old["n_train"], old["n_query"], old["subsets"]) == (args.n_train, args.n_query, args.subsets):

@@ -12,7 +12,7 @@ one retrained model each, query margins; cached under benchmarks/_work).
 Every library attributes the same state dicts with TRAK at the same k and the same model output (the
 classification margin log p/(1-p), computed stably as logit_y - logsumexp(other logits)) and Q = 1 - p:
 
-* ours:   `Attributor(..., make_method("trak", damping=...), projector="rademacher" | "factorized")`.
+* ours:   `Attributor(..., make_method("trak", damping=...), projector="rademacher" | "factorized" | "tensorsketch")`.
 * traker: `TRAKer(device="cpu", projector=BasicProjector(rademacher, block_size=100 [its default]),
           use_half_precision=False, lambda_reg=...)` -> featurize / finalize_features / score / finalize_scores.
           (fast_jl's CudaProjector needs CUDA. float16 is off so that all three libraries compute in float32;
@@ -332,6 +332,8 @@ def main():
                        lambda: run_ours(arch, sts, args.k, "rademacher", [None], train_ds, query_ds, args.batch, seed=1))
             record(["ours-factorized", "ours-factorized-lam0"],
                    lambda: run_ours(arch, sts, args.k, "factorized", [None, 0.0], train_ds, query_ds, args.batch))
+            record(["ours-tensorsketch", "ours-tensorsketch-lam0"],
+                   lambda: run_ours(arch, sts, args.k, "tensorsketch", [None, 0.0], train_ds, query_ds, args.batch))
             lams = [0.0] + ([lam_ours * args.k / p] if lam_ours is not None else [])
             record(["traker-lam0", "traker-matched"],
                    lambda: run_traker(arch, sts, args.k, lams, train_xy, query_xy, args.batch))
@@ -342,12 +344,13 @@ def main():
             pairs = [("ours-rademacher-lam0", "traker-lam0"), ("ours-rademacher-lam0", "dattri-lam0"),
                      ("traker-lam0", "dattri-lam0"), ("ours-rademacher", "traker-matched"),
                      ("ours-rademacher", "dattri-matched"), ("ours-rademacher", "ours-rademacher-seed1"), ("ours-rademacher", "ours-factorized"),
+                     ("ours-rademacher", "ours-tensorsketch"),
                      ("ours-rademacher", "ours-rademacher-lam0")]
             agree = {f"{a} vs {b}": agreement(scores[a], scores[b]) for a, b in pairs if a in scores and b in scores}
             for name, val in agree.items():
                 print(f"[{key}] agreement {name}: {val}", flush=True)
             ratios = {}
-            for ours in ("ours-rademacher", "ours-factorized"):
+            for ours in ("ours-rademacher", "ours-factorized", "ours-tensorsketch"):
                 for theirs in ("traker-lam0", "dattri-lam0"):
                     if "wall_s" in rows.get(ours, {}) and "wall_s" in rows.get(theirs, {}):
                         ratios[f"{theirs} / {ours}"] = round(rows[theirs]["wall_s"] / rows[ours]["wall_s"], 2)

@@ -13,6 +13,7 @@ _LAZY = {
     "AttributionCallback": "lightning_attrib.callbacks",
     "CheckpointCapture": "lightning_attrib.callbacks",
     "GradientCapture": "lightning_attrib.callbacks",
+    "tracin_from_capture": "lightning_attrib.callbacks",
     "attribute": "lightning_attrib.standalone",
     "snapshots_from": "lightning_attrib.standalone",
     "AttributionResult": "lightning_attrib.core.results",

@@ -51,8 +51,9 @@ class _Crash(RuntimeError):
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    # dense projector: the count below hooks its per-example gradients (the store logic is the same for all)
     train, query = _data(50), _data(12, seed=1)
-    reference = Attributor(_model(), TRAK(), train, query, tmp_path / "ref", proj_dim=32, shard_size=8).run()
+    reference = Attributor(_model(), TRAK(), train, query, tmp_path / "ref", proj_dim=32, shard_size=8, projector="rademacher").run()
 
     calls = {"examples": 0}
     original = gradients_mod.PerExampleGradients.__call__
@@ -69,11 +70,11 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
             raise _Crash("simulated crash")
 
     with pytest.raises(_Crash):
-        Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8,
+        Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8, projector="rademacher",
                    progress=crash_after_three).run()
     assert calls["examples"] == 24  # three shards of 8 finished and were kept
     calls["examples"] = 0
-    resumed = Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8).run()
+    resumed = Attributor(_model(), TRAK(), train, query, tmp_path / "run", proj_dim=32, shard_size=8, projector="rademacher").run()
     assert calls["examples"] == (50 - 24) + 12  # only the unfinished train rows and the queries
     np.testing.assert_array_equal(np.asarray(resumed.scores), np.asarray(reference.scores))
     np.testing.assert_array_equal(resumed.self_influence, reference.self_influence)
@@ -105,8 +106,12 @@ def test_non_finite_gradient_names_the_example_and_keeps_finished_shards(tmp_pat
     ds.tensors[0][17, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite gradient for train example 17"):
         Attributor(_model(), TRAK(), ds, _data(3), tmp_path, proj_dim=8, shard_size=8).run()
-    done = sorted(p.name for p in (tmp_path / "features" / "margin" / "final" / "train").glob("shard-*.npz"))
-    assert done == ["shard-000000.npz", "shard-000001.npz"]  # the shards before the bad one survive
+    train_dir = tmp_path / "features" / "margin" / "final" / "train"
+    done = sorted(p.name for p in train_dir.glob("shard-*.npy"))
+    assert done == ["shard-000000.npy", "shard-000001.npy"]  # the shards before the bad one survive
+    weights = sorted(p.name for p in train_dir.glob("loss_weight-*.npy"))
+    assert weights == ["loss_weight-000000.npy", "loss_weight-000001.npy"]
+    assert not list(train_dir.glob(".*tmp*"))  # no temporary file left behind
 
 
 def test_store_written_with_other_settings_is_refused(tmp_path):
@@ -169,3 +174,34 @@ def test_each_snapshot_gets_its_own_projection(tmp_path):
     fa, fb = store.load("a", "train")[0], store.load("b", "train")[0]
     assert not np.allclose(fa, fb)  # independent projections of identical gradients
     np.testing.assert_allclose((fa * fa).sum(1), (fb * fb).sum(1), rtol=0.9)  # both JL sketches of one vector
+
+
+def test_store_shards_are_npy_features_written_last(tmp_path):
+    from lightning_attrib.core import FeatureStore
+
+    store = FeatureStore(tmp_path, {"k": 4}, shard_size=3)
+    store.create("s", "train", np.arange(5))
+    f, w = np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(3, np.float32)
+    store.write_shard("s", "train", 0, f, w)
+    store.write_shard("s", "train", 1, f[:2], w[:2])
+    (tmp_path / "s" / "train" / "shard-000001.npy").unlink()  # a crash after the loss weights, before the features
+    assert store.pending_shards("s", "train") == [1]
+    store.write_shard("s", "train", 1, f[:2] + 1, w[:2] * 2)  # the rerun overwrites the orphaned loss weights
+    feats, weights = store.load("s", "train")
+    np.testing.assert_array_equal(feats, np.concatenate([f, f[:2] + 1]))
+    np.testing.assert_array_equal(weights, [1, 1, 1, 2, 2])
+    mapped = store.read_features("s", "train", 0)  # copy-on-write map: writable, the file never changes
+    mapped[:] = -1
+    np.testing.assert_array_equal(store.read_features("s", "train", 0, mmap=False), f)
+    with pytest.raises(ValueError, match=r"\(m, k\) features and \(m,\) loss weights"):
+        store.write_shard("s", "train", 0, f, w[:2])
+
+
+def test_store_of_the_older_npz_format_is_refused(tmp_path):
+    import json
+
+    from lightning_attrib.core import FeatureStore
+
+    (tmp_path / "settings.json").write_text(json.dumps({"settings": {"k": 4}, "shard_size": 3}))  # no "format": v1
+    with pytest.raises(StoreMismatchError, match="older lightning-attrib.*Delete that directory"):
+        FeatureStore(tmp_path, {"k": 4}, shard_size=3)

@@ -54,8 +54,10 @@ def test_trak_equals_bruteforce_reference(tmp_path):
         snaps.append(Snapshot(f"s{s}", state_dict=sd))
     module = tiny_mlp().double()  # float64 module: gradients in float64, features stored float32
     k = 16
+    # score_dtype="float64": the train x query matmul in float64 too, so 1e-6 (float32 storage) is a fair bar
     res = Attributor(module, TRAK(damping_ratio=0.05), TensorDataset(x_tr.double(), y_tr), TensorDataset(x_q.double(), y_q),
-                     tmp_path, proj_dim=k, seed=3, batch_size=8, shard_size=10).run(
+                     tmp_path, proj_dim=k, projector="rademacher", seed=3, batch_size=8, shard_size=10,
+                     score_dtype="float64").run(
         [Snapshot(s.name, state_dict={k2: v.double() for k2, v in s.state_dict.items()}) for s in snaps])
     n_params = sum(p.numel() for p in module.parameters())
     projs = [RandomProjector(n_params, k, seed=snapshot_seed(3, s.name)) for s in snaps]

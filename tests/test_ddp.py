@@ -78,10 +78,10 @@ def test_crashed_rank_resumes_from_finished_shards(tmp_path, snapshots, two_rank
     assert crashed.returncode != 0
     assert not (tmp_path / "scores.npy").exists()
     train_dir = tmp_path / "features" / "margin" / "snapshot-step00000000" / "train"
-    before = {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.npz")}
+    before = {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.npy")}
     assert 2 < len(before) < 13  # 203 rows / 16 = 13 shards: some were finished, not all
     run("attribute", "--out", tmp_path, *common)
-    after = {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.npz")}
+    after = {p.name: p.stat().st_mtime_ns for p in train_dir.glob("shard-*.npy")}
     assert len(after) == 13
     assert all(after[name] == mtime for name, mtime in before.items())  # finished shards were reused, not rewritten
     assert_same(two_ranks, load_results(tmp_path))

@@ -328,7 +328,8 @@ def test_ekfac_on_a_small_cnn_equals_a_brute_force_construction(tmp_path):
     # which the Linear layer's is; check the whole-model one-example case on a conv with one output position
     model1 = nn.Sequential(nn.Conv2d(2, 3, 4), nn.Flatten(), nn.Linear(3, 4)).double()
     res1 = Attributor(model1, InfluenceFunction(solver="ekfac", matrix="empirical_fisher", damping=lam),
-                      TensorDataset(x[:1], y[:1]), TensorDataset(xq, yq), tmp_path / "one", projector="identity").run()
+                      TensorDataset(x[:1], y[:1]), TensorDataset(xq, yq), tmp_path / "one", projector="identity",
+                      score_dtype="float64").run()  # float64 matmul: the scores cancel ~30x, float32 misses 1e-4
 
     def flat_grad(m, xi, yi):
         m.zero_grad()

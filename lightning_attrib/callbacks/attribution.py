@@ -36,7 +36,9 @@ class AttributionCallback(Callback):
         query_dataset: defaults to the (first) validation dataset.
         output_fn: `(module, batch) -> per-example scalar`; needed when batches are not `(x, y)` / obvious dicts.
         params: parameter names/prefixes to attribute through (default: all trainable).
-        projector, seed: projection kind ("rademacher", "gaussian", "identity", ...) and its seed.
+        projector, seed: projection kind and its seed: "tensorsketch" (default: count sketches from layer hooks,
+            no per-example gradients; as accurate as a dense projection, see benchmarks/RESULTS.md),
+            "rademacher" / "gaussian" (dense), "factorized" (Kronecker), "identity" (full gradients).
         batch_size, shard_size: featurization batch and resumption unit.
         mislabeled: truth mask of flipped training labels (default: `datamodule.train_flipped` or
             `train_dataset.flipped` when present); enables mislabel-detection metrics.
@@ -52,7 +54,7 @@ class AttributionCallback(Callback):
     def __init__(self, method: str | FeatureMethod = "trak", method_kwargs: dict | None = None, proj_dim: int = 2048,
                  out_dir: str | os.PathLike = "attrib", train_dataset: Dataset | None = None,
                  query_dataset: Dataset | None = None, output_fn: str | OutputFunction | Callable | None = None,
-                 params: Sequence[str] | Callable | None = None, projector: str = "rademacher", seed: int = 0,
+                 params: Sequence[str] | Callable | None = None, projector: str = "tensorsketch", seed: int = 0,
                  batch_size: int = 64, shard_size: int = 512, mislabeled: Sequence[bool] | np.ndarray | None = None,
                  num_suspects: int = 50, num_gallery_queries: int = 8, gallery_k: int = 5,
                  to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False):

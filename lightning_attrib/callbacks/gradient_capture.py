@@ -4,7 +4,7 @@ The training step already runs a batched forward and backward of the loss. Hooks
 layers (nn.Linear, nn.Conv2d; see `core.factorized`) project each layer's input in the forward and its
 output gradient in the backward, so the projected per-example gradient of every training example in the
 batch comes at the cost of a few small matmuls, at the weights of that step (before the optimizer moves
-them): exactly what TracIn sums over checkpoints.
+them): exactly what in-run TracIn sums over steps.
 
 With a loss that is the mean of per-example losses, the output gradient the backward sees for example i
 is (1/B) d loss_i / d output_i (divided again by `accumulate_grad_batches`, which Lightning applies), so
@@ -13,58 +13,262 @@ GradScaler is active). They then equal `FactorizedProjector(module, "loss" outpu
 at the same weights for a model without train/eval differences (no dropout, no BatchNorm); with those
 layers the captured gradients are of the train-mode loss the optimizer actually used.
 
+Hot path (what a captured step costs). Every scale (layer.scale, B * accumulate_grad_batches, 1 / AMP scale)
+is folded into cached factor matrices, so per layer the forward hook does one matmul (P_in^T a) and the
+gradient hook one matmul (P_out^T delta), both written with `out=` into preallocated chunk buffers. For a
+Linear layer with one position per example the block is the rank-one outer product of those two small
+vectors; it is not formed in the step: the whole chunk's outer products are expanded at once (one or two
+ops per layer) when the chunk is handed off, on the writer thread on CPU. Conv2d layers (P_in^T of every
+patch is a convolution with a (k_in, C_in, kh, kw) kernel, no unfold), Linear layers over positions and a
+layer called twice in a step form their block in the step. Nothing is cloned (a tensor hook registered
+before an in-place op still receives the gradient of the value it was registered on), nothing is copied
+to the host per step (ids stay on the device until the chunk is handed off), and with `out_dir` two chunk
+buffers alternate, so no memory is allocated per step (with a fp16 GradScaler, reading its scale syncs the
+device once a step). What is left is ~6 thin matmuls and ~6 Python hook calls per step, plus on CPU the
+writer thread's expansion and file writes (8 KB per example at proj_dim=2048): +14% training-thread CPU on
+a 2.5 ms MLP step at batch 64, +9% on a 14 ms one (`benchmarks/RESULTS.md`, Capture overhead);
+`every_n_steps=n` pays it on every n-th step only (+4% at n=4).
+
+On-disk format (`out_dir`), streamed in chunks of `chunk_size` rows while training runs:
+    capture.json                          rank 0: projector layout (+ hash), parameter names, settings
+    rank-RRRRR/chunk-IIIIII.npy           (m, proj_dim) float32 features, rows in capture order
+    rank-RRRRR/chunk-IIIIII.meta.npz      per row: step, epoch, batch_idx (int64), lr (float64, NaN if
+                                          unknown), ids (int64, -1 without `ids_fn`); written last, so its
+                                          presence means the chunk is complete
+Every rank writes only its own `rank-RRRRR` folder. `read_capture` iterates the chunks, `capture_projector`
+rebuilds the projector with the same matrices, and `tracin_from_capture` turns a capture into in-run TracIn
+scores:
+
+    cap = GradientCapture(out_dir="capture", every_n_steps=n, ids_fn=lambda batch: batch[2])  # dataset ids
+    snaps = CheckpointCapture(dirpath="snaps", every_n_steps=n)   # the weights each captured step trained at
+    trainer = L.Trainer(callbacks=[cap, snaps], ...); trainer.fit(model, loader)
+    proj = capture_projector("capture", model)                    # the capture's projection matrices
+    def query_features(step):
+        path = f"snaps/snapshot-step{step:08d}.pt"
+        if not os.path.exists(path): return None                  # step 0: CheckpointCapture saves none
+        model.load_state_dict(torch.load(path)["state_dict"]); return proj.features(query_batch)
+    result = tracin_from_capture("capture", query_features)        # result.scores (n_train, Q)
+
+(`tests/test_gradient_capture.py` checks exactly this against per-example gradients at every step's weights.)
+The snapshots are what the query side needs: weights at every captured step. When queries are known before
+training, computing their features inside the run instead would avoid them; that is not implemented.
+
 Limitations: parameters outside Linear/Conv2d layers (norms, embeddings) cannot be captured this way;
 with `params=None` they are left out (listed in `skipped_params`), an explicit `params` selection that
-includes them is refused. The training step must compute the loss from one forward of the hooked
-layers per batch (a second forward of the same layer in the step would be summed in).
+includes them is refused. A layer that runs twice in a step (weight sharing, two forwards) gets the sum of
+both calls' terms, as its gradient does; a captured step must run one backward (on_after_backward closes it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
-from ..core.factorized import FactorizedProjector
+from ..core.factorized import ALLOCATIONS, FactorizedProjector, LayerPlan
 from ..core.gradients import select_parameters
+from ..core.outputs import OutputFunction, resolve_output
+
+FORMAT_VERSION = 1
+_META = (("step", np.int64), ("epoch", np.int64), ("batch_idx", np.int64), ("lr", np.float64), ("ids", np.int64))
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NULL = _NullContext()
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """Autocast off for the projections when the training forward runs under it (AMP); else a no-op context."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else _NULL
+
+
+class _Layer:
+    """One hooked layer: where its block goes in a feature row, and what happened to it in this step."""
+
+    __slots__ = ("plan", "module", "index", "start", "full", "rem", "factorable", "calls", "fired", "vec", "grad_hook")
+
+    def __init__(self, plan: LayerPlan, module: nn.Module, index: int, start: int):
+        self.plan, self.module, self.index, self.start = plan, module, index, start
+        self.full, self.rem = divmod(plan.dim, plan.k_in)   # dim = full rows of k_in + a partial row of rem
+        self.factorable = plan.kind == "linear"              # one position per example: a rank-one block
+        self.calls = self.fired = 0
+        self.vec = False
+        self.grad_hook: Callable | None = None
+
+    def expand(self, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> None:
+        """features[:, block] = vec(d_i a_i^T)[:dim] for rows of d (n, k_out) and a (n, k_in), in place."""
+        n, start, full, rem, k_in = d.shape[0], self.start, self.full, self.rem, self.plan.k_in
+        torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))
+        if rem:
+            torch.mul(d[:, full:full + 1], a[:, :rem], out=features[:, start + full * k_in:start + self.plan.dim])
+
+
+class _Chunk:
+    """Preallocated rows: features, the rank-one factors of Linear layers (expanded per chunk, off the hot
+    path), which rows hold such factors, and the per-row metadata."""
+
+    def __init__(self, cap: int, proj_dim: int, layers: list[_Layer], dtype: torch.dtype, device: torch.device):
+        self.cap, self.dtype, self.device, self.rows = cap, dtype, device, 0
+        self.features = torch.empty(cap, proj_dim, dtype=torch.float32, device=device)
+        self.a: list[torch.Tensor | None] = []
+        self.d: list[torch.Tensor | None] = []
+        for lay in layers:
+            fac = lay.factorable
+            self.a.append(torch.empty(cap, lay.plan.k_in, dtype=dtype, device=device) if fac else None)
+            self.d.append(torch.empty(cap, lay.plan.k_out, dtype=dtype, device=device) if fac else None)
+            if fac and lay.plan.in_identity and lay.plan.has_bias:
+                self.a[-1][:, -1] = 1.0   # the bias's input column of ones (the scale sits on the out side)
+        self.factored = np.zeros((len(layers), cap), dtype=bool)
+        self.meta = {k: np.empty(cap, dtype=t) for k, t in _META if k != "ids"}
+        self.ids = torch.full((cap,), -1, dtype=torch.int64, device=device)  # on the device: no per-step sync
+        self.future: Future | None = None
+
+    def expand(self, layers: list[_Layer], release: bool = False) -> torch.Tensor:
+        """Write the factored rows' outer products into `features` (one or two ops per layer); return the rows."""
+        rows = self.rows
+        for lay in layers:
+            if self.a[lay.index] is None:
+                continue
+            for lo, hi in _runs(self.factored[lay.index, :rows]):
+                if self.factored[lay.index, lo]:
+                    lay.expand(self.features[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
+        if release:  # kept in memory: the factors are not needed any more
+            self.a = [None] * len(self.a)
+            self.d = [None] * len(self.d)
+        return self.features[:rows]
+
+    def reset(self) -> None:
+        self.rows = 0
+        self.ids.fill_(-1)
+
+    def row_meta(self) -> dict[str, np.ndarray]:
+        """Copies of the filled rows' metadata (ids copied off the device here, once per chunk)."""
+        meta = {k: v[:self.rows].copy() for k, v in self.meta.items()}
+        meta["ids"] = self.ids[:self.rows].cpu().numpy().copy()
+        return meta
 
 
 class GradientCapture(Callback):
-    """Records `(step, batch_idx, lr, ids, features)` for training batches, features (B, proj_dim) float32 on CPU.
+    """Projected per-example loss gradients of training batches, (B, proj_dim) float32, captured in the steps.
 
     Args:
         proj_dim, seed, allocation: the factorized projection (same meaning, and the same matrices, as
             `FactorizedProjector` / `Attributor(projector="factorized")` with the same parameter selection).
         params: parameter names/prefixes/predicate to capture (default: every trainable Linear/Conv2d
             weight and bias of the LightningModule).
-        every_n_steps: capture the batches of every n-th optimizer step (1: every batch).
-        ids_fn: optional `batch -> Tensor[B]` of dataset indices, stored with each record.
+        every_n_steps: capture the batches of every n-th optimizer step (1: every batch). The capture
+            cost is paid on captured steps only, so n divides the overhead by about n; in-run TracIn then
+            sums over every n-th step (multiply by n for an estimate of the full sum).
+        ids_fn: optional `batch -> Tensor[B]` of dataset indices, stored with each row (needed by
+            `tracin_from_capture`, and under DDP, where batch_idx does not name examples).
         reduction: "mean" (default) or "sum": how the training loss reduces per-example losses.
+        out_dir: stream the rows to chunk files under this folder while training (see the module
+            docstring for the format; each DDP rank writes its own folder). None keeps them in memory
+            (`records`), which suits short runs only: 8 KB per example at proj_dim=2048.
+        chunk_size: rows per chunk (buffer and file). Two chunk buffers of chunk_size x proj_dim float32
+            are preallocated on the module's device (64 MB at the defaults).
     """
 
     def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal",
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
-                 ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean"):
+                 ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
+                 out_dir: str | os.PathLike | None = None, chunk_size: int = 4096):
         super().__init__()
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        for name, val in (("proj_dim", proj_dim), ("every_n_steps", every_n_steps), ("chunk_size", chunk_size)):
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if ids_fn is not None and not callable(ids_fn):
+            raise TypeError(f"ids_fn must be a callable batch -> Tensor[B] of dataset indices, got {type(ids_fn).__name__}")
         self.proj_dim, self.seed, self.allocation = proj_dim, seed, allocation
         self.params, self.every_n_steps, self.ids_fn, self.reduction = params, every_n_steps, ids_fn, reduction
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.chunk_size = chunk_size
         self.projector: FactorizedProjector | None = None
         self.param_names: list[str] = []
         self.skipped_params: list[str] = []
-        self.records: list[dict[str, Any]] = []
-        self._live: list[list] = []
+        self.rank_dir: Path | None = None
+        self._layers: list[_Layer] = []
         self._handles: list = []
-        self._current: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+        self._resume_step: int | None = None
+        self._owns_rank_dir = False
+        self._kept: list[Any] = []   # memory mode: finished chunks (CPU `_Chunk`s, or (features, meta) copies)
+        self._writer: ThreadPoolExecutor | None = None
+        self._reset_run_state()
 
+    def _reset_run_state(self) -> None:
+        self._active = False
+        self._n: int | None = None
+        self._r0 = 0
+        self._chunk: _Chunk | None = None     # the chunk being filled
+        self._spare: _Chunk | None = None     # out_dir on CPU: the one the writer thread may still be reading
+        self._host: list[torch.Tensor | None] = [None, None]  # out_dir on GPU: pinned copies for the writer
+        self._host_futures: list[Future | None] = [None, None]
+        self._cur = 0
+        self._next_chunk = 0
+        self._factors: dict[tuple, list[tuple]] = {}
+        self._f: list[tuple] = []
+        self._scale: tuple | None = None
+        self._dtype = torch.float32
+        self._no_autocast: Any = _NULL
+        self._base_scale = 1.0
+        self._scaler = None
+        self._group: dict | None = None
+        self._row_meta: tuple = ()
+        self._ids: torch.Tensor | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(out_dir=str(self.out_dir) if self.out_dir else None, every_n_steps=self.every_n_steps)
+
+    # -- setup ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.projector is not None:
-            return
+        self._trainer = trainer
+        if self.projector is None:
+            self._build_projector(pl_module)
+        if self.out_dir is not None and stage == "fit":
+            from ..core.store import ensure_writable_dir
+
+            # each rank probes only its own folder (ranks probing one shared folder would race on the probe file)
+            self.rank_dir = ensure_writable_dir(self.out_dir / f"rank-{trainer.global_rank:05d}", "GradientCapture(out_dir)")
+            settings = self.settings(trainer.world_size)
+            path = self.out_dir / "capture.json"
+            if path.exists():
+                old = json.loads(path.read_text())
+                if old.get("layout_hash") != settings["layout_hash"]:
+                    raise ValueError(
+                        f"GradientCapture: {self.out_dir} holds a capture with another projector layout "
+                        f"(proj_dim, seed, allocation or layers differ). Use a new out_dir or delete that one."
+                    )
+            if trainer.is_global_zero:
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+                tmp.write_text(json.dumps(settings, indent=2))
+                os.replace(tmp, path)
+
+    def _build_projector(self, pl_module: L.LightningModule) -> None:
         chosen = select_parameters(pl_module, self.params)
         probe = FactorizedProjector(pl_module, None, chosen, self.proj_dim, self.seed, self.allocation)
         if probe.fallback.param_names:
@@ -79,42 +283,565 @@ class GradientCapture(Callback):
                 raise ValueError("GradientCapture found no trainable nn.Linear/nn.Conv2d layer to capture")
             probe = FactorizedProjector(pl_module, None, chosen, self.proj_dim, self.seed, self.allocation)
         self.param_names, self.projector = chosen, probe
+        modules, start = dict(pl_module.named_modules()), 0
+        self._layers = []
+        for plan in probe.layers:
+            if plan.dim:
+                self._layers.append(_Layer(plan, modules[plan.name], len(self._layers), start))
+            start += plan.dim
+        for lay in self._layers:
+            lay.grad_hook = self._make_grad_hook(lay)
 
-    # -- hooks ---------------------------------------------------------------------------------------
+    def settings(self, world_size: int = 1) -> dict:
+        """What the captured features depend on besides the weights (written to `capture.json`)."""
+        return {"format": "lightning-attrib-gradient-capture", "version": FORMAT_VERSION,
+                "layout": self.projector.layout, "layout_hash": self.projector.layout_hash,
+                "param_names": self.param_names, "skipped_params": self.skipped_params,
+                "proj_dim": self.projector.proj_dim, "every_n_steps": self.every_n_steps,
+                "reduction": self.reduction, "output": "loss", "world_size": int(world_size),
+                "chunk_size": self.chunk_size}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset_run_state()
+        self._group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else None
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        if self.out_dir is not None:
+            self._prepare_rank_dir()
+        # the writer thread's torch ops (the chunk expansion) run on one intra-op thread: the training keeps the rest
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="GradientCapture",
+                                          initializer=torch.set_num_threads, initargs=(1,))
+        if self.every_n_steps == 1:  # every step is captured: keep the hooks for the whole fit
+            self._add_hooks()
+
+    def _prepare_rank_dir(self) -> None:
+        """Number new chunks after the existing ones; on resume, drop chunks written after the checkpoint."""
+        existing = sorted(self.rank_dir.glob("chunk-*.meta.npz"))
+        if existing and self._resume_step is None and not self._owns_rank_dir:
+            raise ValueError(
+                f"GradientCapture: {self.rank_dir} already holds captured chunks. Use a new out_dir, delete it, "
+                "or resume the fit from a checkpoint that contains this callback's state."
+            )
+        if self._resume_step is not None:
+            for path in existing:
+                with np.load(path) as meta:
+                    stale = len(meta["step"]) and int(meta["step"].max()) >= self._resume_step
+                if stale:
+                    _chunk_features_path(path).unlink(missing_ok=True)
+                    path.unlink()
+        for tmp in self.rank_dir.glob("*.tmp*"):
+            tmp.unlink()
+        for feats in self.rank_dir.glob("chunk-*.npy"):   # features whose metadata never got written
+            if not feats.with_name(feats.name[:-len(".npy")] + ".meta.npz").exists():
+                feats.unlink()
+        left = sorted(self.rank_dir.glob("chunk-*.meta.npz"))
+        self._next_chunk = int(left[-1].name[6:12]) + 1 if left else 0
+        self._owns_rank_dir, self._resume_step = True, None
+
+    # -- hooks on the training step -------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._remove()
-        if trainer.global_step % self.every_n_steps:
+        step = trainer.global_step
+        if step % self.every_n_steps:
             return
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-        self._current = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                         "batch_idx": int(batch_idx), "lr": float(lr) if lr is not None else None,
-                         "ids": self.ids_fn(batch).detach().cpu() if self.ids_fn is not None else None}
-        self._live = []
-        self._handles = self.projector.add_hooks(self._live, grad_hooks=True)
+        if not self._handles:
+            self._add_hooks()
+        scale = float(trainer.accumulate_grad_batches)
+        if self._scaler is not None:
+            scale /= float(self._scaler.get_scale())
+        lr = self._group["lr"] if self._group is not None else float("nan")
+        self._base_scale = scale
+        self._row_meta = (step, trainer.current_epoch, batch_idx, float(lr))
+        self._ids = self.ids_fn(batch) if self.ids_fn is not None else None
+        self._n = None
+        self._active = True
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._current is None:
+        if not self._active:
             return
-        records, current = self._live, self._current
-        self._remove()
-        if not records:
+        self._active = False
+        if self.every_n_steps > 1:
+            self._remove_hooks()
+        n = self._n
+        if n is None:  # no hooked layer ran in this step's forward
             return
-        n = int(records[0][1].shape[0])
-        scale = float(trainer.accumulate_grad_batches) * (n if self.reduction == "mean" else 1)
-        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale /= float(scaler.get_scale())
-        with torch.no_grad():
-            feats = self.projector.combine(records, n, records[0][1].device) * scale
-        self.records.append({**current, "features": feats.detach().float().cpu()})
+        ch, r0 = self._chunk, self._r0
+        r1 = r0 + n
+        for lay in self._layers:
+            factored = lay.vec and lay.calls == 1 and lay.fired == 1
+            if not lay.fired:  # not on the loss's path (or never called): its gradient is zero
+                ch.features[r0:r1, lay.start:lay.start + lay.plan.dim].zero_()
+            if lay.factorable:
+                ch.factored[lay.index, r0:r1] = factored
+            lay.calls = lay.fired = 0
+            lay.vec = False
+        meta = ch.meta
+        step, epoch, batch_idx, lr = self._row_meta
+        meta["step"][r0:r1] = step
+        meta["epoch"][r0:r1] = epoch
+        meta["batch_idx"][r0:r1] = batch_idx
+        meta["lr"][r0:r1] = lr
+        if self._ids is not None:
+            ids = torch.as_tensor(self._ids).detach().reshape(-1)
+            if ids.numel() != n:
+                raise ValueError(f"GradientCapture: ids_fn returned {ids.numel()} ids for a batch of {n} examples")
+            ch.ids[r0:r1].copy_(ids, non_blocking=True)
+        ch.rows = r1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self._remove()  # a step without backward (skipped, manual optimization) leaves no hooks behind
+        if self._active:  # a step without backward (skipped, or no loss): no rows, no hooks left behind
+            self._active = False
+            for lay in self._layers:
+                lay.calls = lay.fired = 0
+                lay.vec = False
+            if self.every_n_steps > 1:
+                self._remove_hooks()
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._remove()
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.out_dir is not None and self._chunk is not None:  # everything up to the checkpoint is on disk
+            self._emit()
+            self._wait()
 
-    def _remove(self) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._finish()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        self._remove_hooks()
+        self._active = False
+        try:
+            self._emit()
+            self._wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    # -- resumption ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        step = int(self._trainer.global_step) if self._trainer is not None else None
+        return {"out_dir": str(self.out_dir) if self.out_dir else None, "global_step": step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed fit drops the chunks its ranks wrote after the checkpoint (steps >= its global step)."""
+        step = state_dict.get("global_step")
+        self._resume_step = int(step) if step is not None else None
+
+    # -- the hot path -------------------------------------------------------------------------------------
+    def _add_hooks(self) -> None:
+        self._handles = [lay.module.register_forward_hook(self._make_forward_hook(lay)) for lay in self._layers]
+
+    def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._live, self._current = [], [], None
+        self._handles = []
+
+    def _make_forward_hook(self, lay: _Layer) -> Callable:
+        i, has_bias, mod = lay.index, lay.plan.has_bias, lay.module
+        if lay.plan.kind == "conv2d":  # P_in^T [patch; 1] at every output position is a convolution
+            padding = 0 if mod.padding == "valid" else mod.padding
+            stride, dilation = mod.stride, mod.dilation
+
+            def conv_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+                if not self._active or not output.requires_grad:
+                    return
+                a = inputs[0].detach()
+                if self._n is None:
+                    self._begin(a)
+                weight, bias = self._f[i][0], self._f[i][1]
+                lay.calls += 1
+                with self._no_autocast:  # projected in float32 (or float64), also inside an AMP forward
+                    a_proj = F.conv2d(a.to(weight.dtype), weight, bias, stride, padding, dilation).flatten(2)  # (B, k_in, T)
+                output.register_hook(partial(lay.grad_hook, a_proj))
+            return conv_hook
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not self._active or not output.requires_grad:
+                return
+            a = inputs[0].detach()
+            if self._n is None:
+                self._begin(a)
+            if a.dim() != 2:
+                a = a.reshape(a.shape[0], -1, a.shape[-1])       # (B, T, d_in)
+                if a.shape[1] == 1:
+                    a = a[:, 0]
+            if a.dtype != self._dtype:
+                a = a.to(self._dtype)
+            in_w, in_b = self._f[i][0], self._f[i][1]
+            lay.calls += 1
+            with self._no_autocast:
+                if a.dim() == 2 and lay.calls == 1:   # one position: keep P_in^T a in the chunk, expand later
+                    lay.vec = True
+                    a_proj = self._chunk.a[i][self._r0:self._r0 + a.shape[0]]
+                    if in_w is None:
+                        a_proj[:, :a.shape[1]].copy_(a)
+                    elif in_b is None:
+                        torch.mm(a, in_w, out=a_proj)
+                    else:
+                        torch.addmm(in_b, a, in_w, out=a_proj)
+                elif in_w is None:
+                    a_proj = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if has_bias else a
+                elif in_b is None:
+                    a_proj = a @ in_w
+                else:
+                    a_proj = (a @ in_w).add_(in_b)
+            output.register_hook(partial(lay.grad_hook, a_proj))  # this call's input (a layer may run twice)
+        return hook
+
+    def _make_grad_hook(self, lay: _Layer) -> Callable:
+        i, conv, start, dim = lay.index, lay.plan.kind == "conv2d", lay.start, lay.plan.dim
+
+        def hook(a: torch.Tensor, g: torch.Tensor) -> None:
+            if not self._active:
+                return
+            d = g.detach()
+            if d.dtype != a.dtype:
+                d = d.to(a.dtype)
+            out_m, post = self._f[i][2], self._f[i][3]
+            n, r0 = d.shape[0], self._r0
+            if conv:                                      # d (B, C_out, T), a (B, k_in, T): sum over positions
+                d = d.flatten(2)
+                if out_m is not None:
+                    d = torch.matmul(out_m, d)              # out_m is P_out^T here: (B, k_out, T)
+                blk = torch.bmm(d, a.transpose(1, 2))
+            else:
+                if a.dim() == 3:
+                    d = d.reshape(n, -1, d.shape[-1])
+                elif d.dim() != 2:
+                    d = d.reshape(n, d.shape[-1])
+                if lay.vec and lay.calls == 1:          # rank one: keep P_out^T delta next to P_in^T a
+                    dst = self._chunk.d[i][r0:r0 + n]
+                    if out_m is not None:
+                        torch.mm(d, out_m, out=dst)
+                    elif post != 1.0:
+                        torch.mul(d, post, out=dst)
+                    else:
+                        dst.copy_(d)
+                    lay.fired += 1
+                    return
+                if out_m is not None:
+                    d = d @ out_m
+                elif post != 1.0:
+                    d = d * post
+                blk = (d[:, :, None] * a[:, None, :]) if a.dim() == 2 else torch.bmm(d.transpose(1, 2), a)
+            view = self._chunk.features[r0:r0 + n, start:start + dim]  # positions, or a layer called again: summed
+            blk = blk.reshape(n, -1)[:, :dim]
+            view.add_(blk) if lay.fired else view.copy_(blk)
+            lay.fired += 1
+        return hook
+
+    def _begin(self, a: torch.Tensor) -> None:
+        """First hooked layer of a captured batch: reserve rows, pick the factors with this batch's scale."""
+        n = int(a.shape[0])
+        scale = self._base_scale * (n if self.reduction == "mean" else 1)
+        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        key = (scale, dtype, a.device)
+        if key != self._scale:
+            if key not in self._factors:
+                self._factors[key] = self._scaled_factors(scale, dtype, a.device)
+            self._f, self._scale, self._dtype = self._factors[key], key, dtype
+        ch = self._chunk
+        if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != a.device:
+            self._emit()
+            self._next_buffer(max(self.chunk_size, n), dtype, a.device)
+        self._r0 = self._chunk.rows
+        self._n = n
+        self._no_autocast = _no_autocast(a.device)
+
+    def _scaled_factors(self, scale: float, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+        """Per layer (in_w, in_b, out_m, post): the factors with layer.scale * `scale` folded into one side.
+
+        Linear: in_w (d_in, k_in) and in_b (k_in,) split off the bias row of P_in (None for an identity side);
+        out_m = P_out; `post` multiplies the delta when both sides are identities. Conv2d: in_w, in_b are
+        the weight (k_in, C_in, kh, kw) and bias of the convolution that computes P_in^T [patch; 1]
+        (an identity P_in included, so that the convolution also does the unfolding), out_m = P_out^T.
+        """
+        out = []
+        for lay in self._layers:
+            plan, s = lay.plan, lay.plan.scale * scale
+            p_in = self.projector.factor(plan, "in", dtype, device)
+            p_out = self.projector.factor(plan, "out", dtype, device)
+            in_w = in_b = None
+            post = 1.0
+            if plan.kind == "conv2d":
+                if p_in is None:
+                    p_in = torch.eye(plan.d_in, dtype=dtype, device=device)
+                p_in = p_in * s
+                w = p_in[:-1] if plan.has_bias else p_in
+                mod = lay.module
+                in_w = w.T.reshape(plan.k_in, mod.in_channels, *mod.kernel_size).contiguous()
+                in_b = p_in[-1].contiguous() if plan.has_bias else None
+                out.append((in_w, in_b, p_out.T.contiguous() if p_out is not None else None, 1.0))
+                continue
+            if p_in is not None:
+                p_in = p_in * s
+                in_w, in_b = (p_in[:-1].contiguous(), p_in[-1].contiguous()) if plan.has_bias else (p_in, None)
+            elif p_out is not None:
+                p_out = p_out * s
+            else:
+                post = s
+            out.append((in_w, in_b, p_out, post))
+        return out
+
+    # -- chunks ------------------------------------------------------------------------------------------
+    def _next_buffer(self, cap: int, dtype: torch.dtype, device: torch.device) -> None:
+        """A chunk to fill: the spare one once the writer thread is done with it, else a new one."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.future is not None:
+            spare.future.result()
+            spare.future = None
+        if spare is None or spare.cap < cap or spare.dtype != dtype or spare.device != device:
+            spare = _Chunk(cap, self.projector.proj_dim, self._layers, dtype, device)
+        spare.reset()
+        self._chunk = spare
+
+    def _emit(self) -> None:
+        """Hand the filled rows of the current chunk on: to the writer thread (out_dir) or to `records`.
+
+        On CPU the writer thread also expands the factored rows (torch releases the GIL), so the training
+        thread only swaps buffers; on a GPU the expansion is queued on the device and the rows copied once.
+        """
+        ch = self._chunk
+        if ch is None or not ch.rows:
+            return
+        rows, cpu = ch.rows, ch.device.type == "cpu"
+        self._chunk = None
+        if self.out_dir is None:
+            if cpu:
+                ch.future = self._writer.submit(ch.expand, self._layers, True)
+                self._kept.append(ch)
+            else:
+                self._kept.append((ch.expand(self._layers).cpu(), ch.row_meta()))
+                self._spare = ch
+            return
+        index = self._next_chunk
+        self._next_chunk += 1
+        meta = ch.row_meta()
+        if cpu:
+            ch.future = self._writer.submit(_expand_and_write, ch, self._layers, self.rank_dir, index, meta)
+            self._spare = ch
+            return
+        feats = ch.expand(self._layers)
+        cur = self._cur
+        if self._host_futures[cur] is not None:
+            self._host_futures[cur].result()
+            self._host_futures[cur] = None
+        if self._host[cur] is None or self._host[cur].shape[0] < rows:
+            self._host[cur] = torch.empty(ch.features.shape, dtype=torch.float32, pin_memory=torch.cuda.is_available())
+        host = self._host[cur][:rows]
+        host.copy_(feats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._host_futures[cur] = self._writer.submit(_write_chunk, self.rank_dir, index, host, meta, event)
+        self._cur = cur ^ 1
+        self._spare = ch   # later kernels on the same stream run after the copy: safe to refill
+
+    def _wait(self) -> None:
+        """Wait for the writer thread's pending work; re-raise its errors here."""
+        for i, fut in enumerate(self._host_futures):
+            if fut is not None:
+                self._host_futures[i] = None
+                fut.result()
+        if self._spare is not None and self._spare.future is not None:
+            fut, self._spare.future = self._spare.future, None
+            fut.result()
+        for ch in self._kept:
+            if isinstance(ch, _Chunk) and ch.future is not None:
+                fut, ch.future = ch.future, None
+                fut.result()
+
+    # -- results ---------------------------------------------------------------------------------------
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per captured batch: step, epoch, batch_idx, lr, ids (None without ids_fn), features (B, k).
+
+        In memory (no `out_dir`) this is what was captured on this rank; with `out_dir` it reads this rank's
+        chunk files back (all of them into memory: for big captures iterate `read_capture` instead).
+        """
+        if self.out_dir is None:
+            self._wait()
+            chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, _Chunk) else c for c in self._kept]
+            ch = self._chunk
+            if ch is not None and ch.rows:   # rows not emitted yet (records read during fit)
+                chunks.append((ch.expand(self._layers).clone(), ch.row_meta()))
+        else:
+            self._wait()
+            chunks = [(torch.from_numpy(np.array(c["features"])), c) for c in read_capture(self.out_dir)
+                      if self.rank_dir is not None and c["rank_dir"] == self.rank_dir.name]
+        out = []
+        for feats, meta in chunks:
+            for lo, hi in _runs(meta["step"], meta["batch_idx"], meta["epoch"]):
+                ids = meta["ids"][lo:hi]
+                lr = float(meta["lr"][lo])
+                out.append({"step": int(meta["step"][lo]), "epoch": int(meta["epoch"][lo]),
+                            "batch_idx": int(meta["batch_idx"][lo]), "lr": None if np.isnan(lr) else lr,
+                            "ids": None if (ids < 0).all() else torch.from_numpy(ids.copy()),
+                            "features": feats[lo:hi]})
+        return out
+
+
+# -- the on-disk format ---------------------------------------------------------------------------------
+def _chunk_features_path(meta_path: Path) -> Path:
+    return meta_path.with_name(meta_path.name[:-len(".meta.npz")] + ".npy")
+
+
+def _write_chunk(rank_dir: Path, index: int, features: torch.Tensor, meta: dict, event: Any) -> None:
+    """Writer thread: features first, then the metadata (whose presence marks the chunk complete)."""
+    if event is not None:
+        event.synchronize()
+    name = f"chunk-{index:06d}"
+    tmp = rank_dir / f"{name}.npy.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, features.numpy())
+    os.replace(tmp, rank_dir / f"{name}.npy")
+    tmp = rank_dir / f"{name}.meta.npz.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **meta)
+    os.replace(tmp, rank_dir / f"{name}.meta.npz")
+
+
+def _expand_and_write(chunk: _Chunk, layers: list[_Layer], rank_dir: Path, index: int, meta: dict) -> None:
+    """Writer thread, CPU: expand the factored rows, then write the chunk."""
+    _write_chunk(rank_dir, index, chunk.expand(layers), meta, None)
+
+
+def _runs(*keys: np.ndarray) -> Iterator[tuple[int, int]]:
+    """[lo, hi) ranges of consecutive rows where every key is constant."""
+    n = len(keys[0])
+    if not n:
+        return
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for k in keys:
+        change[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(change)
+    yield from zip(starts.tolist(), [*starts[1:].tolist(), n])
+
+
+def load_capture_settings(capture_dir: str | os.PathLike) -> dict:
+    """The `capture.json` of a `GradientCapture(out_dir=capture_dir)` run."""
+    path = Path(capture_dir) / "capture.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass the out_dir of a GradientCapture(out_dir=...) run")
+    return json.loads(path.read_text())
+
+
+def _chunk_metas(capture_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The complete chunks' per-row metadata, rank by rank in capture order, with the features' `path`."""
+    root = Path(capture_dir)
+    load_capture_settings(root)
+    out = []
+    for rank_dir in sorted(p for p in root.glob("rank-*") if p.is_dir()):
+        for meta_path in sorted(rank_dir.glob("chunk-*.meta.npz")):
+            with np.load(meta_path) as m:
+                item = {k: m[k] for k in m.files}
+            item.update(path=_chunk_features_path(meta_path), rank_dir=rank_dir.name, index=int(meta_path.name[6:12]))
+            out.append(item)
+    return out
+
+
+def read_capture(capture_dir: str | os.PathLike, mmap: bool = True) -> Iterator[dict[str, Any]]:
+    """Iterate the complete chunks of a capture, rank by rank, in capture order.
+
+    Each item: rank_dir, index, path, features ((m, proj_dim) float32, memory-mapped by default), and the
+    per-row step, epoch, batch_idx, lr, ids arrays.
+    """
+    for item in _chunk_metas(capture_dir):
+        item["features"] = np.load(item["path"], mmap_mode="r" if mmap else None)
+        yield item
+
+
+def capture_projector(capture_dir: str | os.PathLike, module: nn.Module,
+                      output: str | OutputFunction | Callable = "loss") -> FactorizedProjector:
+    """A `FactorizedProjector` on `module` with the capture's matrices, for query features at any weights.
+
+    `module` must be the LightningModule class that was trained (the layer names seed the matrices); the
+    layout is checked against the capture's.
+    """
+    s = load_capture_settings(capture_dir)
+    lay = s["layout"]
+    proj = FactorizedProjector(module, resolve_output(output), s["param_names"], proj_dim=lay["requested_dim"],
+                               seed=lay["seed"], allocation=lay["allocation"], kind=lay["kind"])
+    if proj.layout_hash != s["layout_hash"]:
+        raise ValueError(f"capture_projector: this module's factorized layout differs from the capture's in {capture_dir} "
+                         "(another model class or layer sizes?)")
+    return proj
+
+
+@dataclass
+class CapturedTracIn:
+    """In-run TracIn from a capture: `scores[i, q]`, `self_influence[i]` over the captured steps of example i.
+
+    `counts[i]` is how many captured rows example i had (0: never captured); `steps` the steps scored,
+    `skipped_steps` those whose query features were None.
+    """
+
+    scores: np.ndarray
+    self_influence: np.ndarray
+    counts: np.ndarray
+    steps: list[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def tracin_from_capture(capture_dir: str | os.PathLike, query_features_fn: Callable[[int], torch.Tensor | None],
+                        n_train: int | None = None) -> CapturedTracIn:
+    """In-run TracIn: score[i, q] = sum over captured steps t with i in the batch of lr_t * phi_t(z_i) . psi_t(z_q).
+
+    phi_t(z_i) is the captured projected loss gradient of training example i at step t's weights, psi_t(z_q)
+    = `query_features_fn(t)`: the (Q, proj_dim) projected loss gradients of the queries at the weights step t
+    trained at (e.g. `capture_projector(...).features(query_batch)` after loading those weights), or None to
+    skip the step. It is called once per captured step, in increasing step order; features are read step by
+    step from memory-mapped chunks (never the whole capture at once). Rows need dataset ids (`ids_fn`).
+    Self-influence sums lr_t ||phi_t(z_i)||^2 over every captured step (it needs no query). As TracIn-CP in
+    `core.methods.TracIn`, the 1/B of a mean-reduced loss is left out (a constant factor for a fixed batch size).
+    """
+    settings = load_capture_settings(capture_dir)
+    k = int(settings["proj_dim"])
+    chunks = _chunk_metas(capture_dir)
+    if any((c["ids"] < 0).any() for c in chunks):
+        raise ValueError("tracin_from_capture needs dataset ids for every row: capture with "
+                         "GradientCapture(ids_fn=lambda batch: <Tensor[B] of dataset indices>)")
+    if n_train is None:
+        n_train = 1 + max((int(c["ids"].max()) for c in chunks if len(c["ids"])), default=-1)
+    segments = sorted(((int(c["step"][lo]), ci, lo, hi) for ci, c in enumerate(chunks)
+                       for lo, hi in _runs(c["step"])), key=lambda s: (s[0], s[1]))
+    self_inf = torch.zeros(n_train, dtype=torch.float64)
+    counts = torch.zeros(n_train, dtype=torch.int64)
+    scores: torch.Tensor | None = None
+    steps, skipped = [], []
+    for step, group in itertools.groupby(segments, key=lambda s: s[0]):
+        q = query_features_fn(step)
+        if q is not None:
+            q = torch.as_tensor(q).detach().to("cpu", torch.float64)
+            if q.dim() != 2 or q.shape[1] != k:
+                raise ValueError(f"query_features_fn({step}) must return (Q, {k}) features, got {tuple(q.shape)}")
+            if scores is None:
+                scores = torch.zeros(n_train, q.shape[0], dtype=torch.float64)
+            steps.append(step)
+        else:
+            skipped.append(step)
+        for _, ci, lo, hi in group:
+            c = chunks[ci]
+            lr = torch.from_numpy(c["lr"][lo:hi].astype(np.float64))
+            if torch.isnan(lr).any():
+                raise ValueError(f"tracin_from_capture: step {step} has no learning rate recorded (no optimizer?)")
+            ids = torch.from_numpy(c["ids"][lo:hi].astype(np.int64))
+            if int(ids.max()) >= n_train:
+                raise ValueError(f"tracin_from_capture: id {int(ids.max())} >= n_train={n_train}")
+            if "features" not in c:
+                c["features"] = np.load(c["path"], mmap_mode="r")
+            phi = torch.from_numpy(np.asarray(c["features"][lo:hi], dtype=np.float64))
+            self_inf.index_add_(0, ids, lr * (phi * phi).sum(1))
+            counts.index_add_(0, ids, torch.ones_like(ids))
+            if q is not None:
+                scores.index_add_(0, ids, (phi @ q.T) * lr[:, None])
+        for c in chunks:  # chunks that end at or before this step are not read again: let their maps go
+            if "features" in c and int(c["step"].max()) <= step:
+                del c["features"]
+    if scores is None:
+        scores = torch.zeros(n_train, 0, dtype=torch.float64)
+    return CapturedTracIn(scores.numpy(), self_inf.numpy(), counts.numpy(), steps, skipped)

@@ -42,6 +42,22 @@ features estimate inner products of gradients. Note the estimate is a product of
 one-position inputs G is rank one), so at equal k it is noisier than a dense projection; what it buys is
 cost: about one training step per batch, against p*k flops per example for the dense projection.
 
+Tensor sketch (`sketch="tensor"`, the `projector="tensorsketch"` of the pipeline)
+    The Kronecker estimate of <G1, G2> for rank-one G = delta a^T is the product of two JL estimates with
+    k_out ~ k_in ~ sqrt(k) dims each, so its error is that of a dense projection to about sqrt(k)/2 dims
+    (Gram correlation 0.78-0.81 against 0.97 for dense at k = 512 on an MNIST MLP layer). A tensor sketch
+    (Pham & Pagh 2013) keeps the same "project each side separately" cost but hashes the pairs (o, i):
+    with count sketches C_out (bucket h_out(o), sign s_out(o)) and C_in of width s = the layer's share,
+
+        feature = sum_t circular_convolution(C_out delta_t, C_in [a_t; 1]) = irfft(sum_t rfft(C_out delta_t) * rfft(C_in a_t))
+
+    which is exactly the count sketch of vec(G) with bucket (h_out(o) + h_in(i)) mod s and sign
+    s_out(o) s_in(i): unbiased, with a variance close to a dense projection to s dims (Gram correlation 0.96
+    in the same test). Cost per position: a scatter of d_in + d_out values and FFTs of length s.
+    Every layer is sketched to the full width s = proj_dim and the layers' sketches (and the fallback's dense
+    projection) are summed: that is one count sketch of the whole concatenated gradient, so there is no
+    split of proj_dim among layers to tune.
+
 Seeds: P_in / P_out of the layer named `name` are `RandomProjector(d, k, kind, seed=h(seed, name, side))`
 with h a SHA-1 derived integer, so features depend on (seed, module names and shapes, proj_dim,
 allocation) only, never on batch size or device.
@@ -65,6 +81,7 @@ from .projection import RandomProjector
 
 ALLOCATIONS = ("equal", "params")
 FACTOR_KINDS = ("rademacher", "gaussian")
+SKETCHES = ("kronecker", "tensor")
 
 
 def derived_seed(seed: int, *parts: Any) -> int:
@@ -89,6 +106,7 @@ class LayerPlan:
     in_identity: bool = False
     dim: int = 0
     scale: float = 1.0
+    tensor_sketch: bool = False  # count sketches of both sides, combined by circular convolution (FFT)
 
     @property
     def numel(self) -> int:
@@ -169,19 +187,23 @@ class FactorizedProjector:
         proj_dim: total feature dim (exact unless it exceeds the number of selected parameters).
         seed: seeds every factor and the fallback projection.
         allocation: "equal" (default) or "params": how proj_dim is shared among layers.
-        kind: distribution of the random factors, "rademacher" or "gaussian".
+        kind: distribution of the random factors, "rademacher" or "gaussian" (Kronecker sketch only).
+        sketch: "kronecker" (P_out (x) P_in) or "tensor" (count sketches combined by FFT; see the module docstring).
         device: where factor matrices live (default: the module's parameters' device).
     """
 
     def __init__(self, module: nn.Module, output_fn: OutputFunction, param_names: Iterable[str] | None = None,
                  proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", kind: str = "rademacher",
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, sketch: str = "kronecker"):
         if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
             raise ValueError(f"proj_dim must be a positive integer (e.g. 2048), got {proj_dim!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if kind not in FACTOR_KINDS:
             raise ValueError(f"kind must be one of {FACTOR_KINDS}, got {kind!r}")
+        if sketch not in SKETCHES:
+            raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
+        self.sketch = sketch
         self.module, self.output_fn = module, output_fn
         self.param_names = list(param_names) if param_names is not None else select_parameters(module)
         self.requested_dim, self.seed, self.allocation, self.kind = proj_dim, int(seed), allocation, kind
@@ -223,6 +245,9 @@ class FactorizedProjector:
         return layers, _Fallback(rest, int(sum(params[n].numel() for n in rest)))
 
     def _plan(self) -> None:
+        if self.sketch == "tensor":
+            self._plan_tensor()
+            return
         blocks: list[Any] = list(self.layers) + ([self.fallback] if self.fallback.numel else [])
         caps = [b.numel for b in blocks]
         weights = [1.0 if self.allocation == "equal" else float(b.numel) for b in blocks]
@@ -247,15 +272,32 @@ class FactorizedProjector:
             deficit -= layer.dim - before
         for layer in self.layers:
             grid = layer.k_out * layer.k_in
-            layer.scale = math.sqrt(grid / layer.dim) if layer.dim else 1.0
+            layer.scale = math.sqrt(grid / layer.dim) if layer.dim and not layer.tensor_sketch else 1.0
         self.proj_dim = sum(layer.dim for layer in self.layers) + self.fallback.dim
         self.num_params = sum(layer.numel for layer in self.layers) + self.fallback.numel
+
+    def _plan_tensor(self) -> None:
+        """Every layer is tensor-sketched to the full width proj_dim and the sketches are summed (a count sketch of
+        the concatenated gradient), the fallback's dense projection too: no split of proj_dim to tune, and the
+        variance is that of one sketch of the whole gradient."""
+        k = self.requested_dim
+        for layer in self.layers:
+            layer.k_out = layer.k_in = layer.dim = k
+            layer.tensor_sketch, layer.scale = True, 1.0
+        self.fallback.dim = k if self.fallback.numel else 0
+        self.proj_dim = k
+        self.num_params = sum(layer.numel for layer in self.layers) + self.fallback.numel
+
+    @property
+    def summed(self) -> bool:
+        """True when all blocks share the same proj_dim columns (tensor sketch), False when they are side by side."""
+        return self.sketch == "tensor"
 
     @property
     def layout(self) -> dict:
         """Everything the features depend on besides the weights: JSON-able, recorded in store settings."""
         return {"projector": "factorized", "proj_dim": self.proj_dim, "requested_dim": self.requested_dim,
-                "seed": self.seed, "allocation": self.allocation, "kind": self.kind,
+                "seed": self.seed, "allocation": self.allocation, "kind": self.kind, "sketch": self.sketch,
                 "layers": [asdict(layer) for layer in self.layers],
                 "fallback": {"params": self.fallback.param_names, "numel": self.fallback.numel,
                              "dim": self.fallback.dim}}
@@ -267,21 +309,45 @@ class FactorizedProjector:
     # -- factor matrices -----------------------------------------------------------------------------
     def factor(self, layer: LayerPlan, side: str, dtype: torch.dtype = torch.float32,
                device: torch.device | None = None) -> torch.Tensor | None:
-        """P_in (d_in x k_in) or P_out (d_out x k_out) of `layer`; None for an identity side."""
+        """P_in (d_in x k_in) or P_out (d_out x k_out) of `layer`; None for an identity side.
+
+        For a tensor-sketched layer this is the count sketch as a (d x s) matrix with one +-1 per row.
+        """
         device = self.device if device is None else device
         key = (layer.name, side, dtype, device)
         if key not in self._mats:
             d, k, ident = ((layer.d_in, layer.k_in, layer.in_identity) if side == "in"
                            else (layer.d_out, layer.k_out, layer.out_identity))
-            if ident:
+            if layer.tensor_sketch:
+                buckets, signs = self.count_sketch(layer, side)
+                mat = torch.zeros(d, k, dtype=dtype)
+                mat[torch.arange(d), buckets] = signs.to(dtype)
+                self._mats[key] = mat.to(device)
+            elif ident:
                 self._mats[key] = None
             else:
                 mat = RandomProjector(d, k, self.kind, seed=derived_seed(self.seed, layer.name, side)).matrix()
                 self._mats[key] = mat.to(device, dtype)
         return self._mats[key]
 
+    def count_sketch(self, layer: LayerPlan, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(buckets in [0, s), signs +-1) of a tensor-sketched layer's side, from (seed, layer name, side)."""
+        d = layer.d_in if side == "in" else layer.d_out
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, layer.name, side, "tensor"))
+        buckets = torch.randint(0, layer.dim, (d,), generator=gen)
+        signs = torch.randint(0, 2, (d,), generator=gen).float().mul_(2).sub_(1)
+        return buckets, signs
+
     def layer_matrix(self, layer: LayerPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The explicit (d_out * d_in, dim) matrix of a layer on the row-major flattened G (tests, tiny layers)."""
+        if layer.tensor_sketch:  # count sketch of vec(G): bucket (h_out + h_in) mod s, sign s_out * s_in
+            h_out, s_out = self.count_sketch(layer, "out")
+            h_in, s_in = self.count_sketch(layer, "in")
+            rows = torch.arange(layer.numel)
+            cols = ((h_out[:, None] + h_in[None, :]) % layer.dim).reshape(-1)
+            mat = torch.zeros(layer.numel, layer.dim, dtype=dtype, device=self.device)
+            mat[rows, cols] = (s_out[:, None] * s_in[None, :]).reshape(-1).to(dtype)
+            return mat
         p_out = self.factor(layer, "out", dtype)
         p_in = self.factor(layer, "in", dtype)
         p_out = torch.eye(layer.d_out, dtype=dtype, device=self.device) if p_out is None else p_out
@@ -300,7 +366,7 @@ class FactorizedProjector:
             feats = self._factorized(batch) if self.layers else None
             if self.fallback.dim:
                 dense = self._dense_fallback(batch)
-                feats = dense if feats is None else torch.cat([feats, dense], dim=1)
+                feats = dense if feats is None else (feats + dense if self.summed else torch.cat([feats, dense], dim=1))
         finally:
             self.module.train(was_training)
         return feats.float()
@@ -330,18 +396,30 @@ class FactorizedProjector:
 
         A layer with no record or no gradient (not on the output's path) gets zeros.
         """
-        out = torch.zeros(n, sum(layer.dim for layer in self.layers), device=device, dtype=torch.float32)
+        width = self.proj_dim if self.summed else sum(layer.dim for layer in self.layers)
+        out = torch.zeros(n, width, device=device, dtype=torch.float32)
         offsets, lo = {}, 0
         for layer in self.layers:
             offsets[layer.name] = lo
-            lo += layer.dim
+            lo += 0 if self.summed else layer.dim
+        spectrum = None  # tensor-sketched layers on the FFT path: their spectra add up, one inverse FFT at the end
         for layer, a_proj, _, delta in records:
             if delta is None:
                 continue
-            d_proj = self._project_delta(layer, delta) * layer.scale          # (B, T, k_out), small
-            block = torch.einsum("bto,bti->boi", d_proj, a_proj).reshape(n, -1)
+            if layer.tensor_sketch:
+                delta = self._positions(layer, delta)
+                if a_proj.is_complex():
+                    spec = torch.fft.rfft(self._sketch_side(layer, "out", delta), dim=2).mul_(a_proj).sum(dim=1)
+                    spectrum = spec if spectrum is None else spectrum.add_(spec)
+                    continue
+                block = self._gradient_sketch(layer, a_proj, delta)
+            else:
+                d_proj = self._project_delta(layer, delta) * layer.scale      # (B, T, k_out), small
+                block = torch.einsum("bto,bti->boi", d_proj, a_proj).reshape(n, -1)
             start = offsets[layer.name]
             out[:, start:start + layer.dim] += block[:, :layer.dim]
+        if spectrum is not None:
+            out += torch.fft.irfft(spectrum, n=self.proj_dim, dim=1)
         return out
 
     def _factorized(self, batch: Any) -> torch.Tensor:
@@ -362,13 +440,23 @@ class FactorizedProjector:
         return self.combine(live, out.shape[0], out.device)
 
     def _project_input(self, layer: LayerPlan, mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
-        """(B, T, k_in): P_in^T [a_t; 1] for every position t, computed in the forward hook."""
+        """(B, T, k_in): P_in^T [a_t; 1] for every position t, computed in the forward hook.
+
+        Tensor sketch: rfft of the count sketch of [a_t; 1], (B, T, s//2+1) complex; or, where forming the
+        per-example gradient is cheaper (see `_via_gradient`), [a_t; 1] itself, (B, T, d_in) real.
+        """
         a = a.detach()
         if layer.kind == "conv2d":
             a = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=0 if mod.padding == "valid" else mod.padding,
                          stride=mod.stride).transpose(1, 2)          # (B, L, C_in*kh*kw)
         else:
             a = a.reshape(a.shape[0], -1, a.shape[-1])                   # (B, T, d_in)
+        if layer.tensor_sketch:
+            if layer.has_bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+            if self._via_gradient(layer, a.shape[1]):
+                return a
+            return torch.fft.rfft(self._sketch_side(layer, "in", a), dim=2)
         p_in = self.factor(layer, "in", a.dtype, a.device)
         if p_in is None:
             return torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2) if layer.has_bias else a
@@ -376,19 +464,62 @@ class FactorizedProjector:
             return a @ p_in[:-1] + p_in[-1]
         return a @ p_in
 
+    @staticmethod
+    def _positions(layer: LayerPlan, delta: torch.Tensor) -> torch.Tensor:
+        """The layer's output gradient as (B, T, d_out): one row per position t."""
+        if layer.kind == "conv2d":
+            return delta.flatten(2).transpose(1, 2)                      # (B, H'W', C_out)
+        return delta.reshape(delta.shape[0], -1, delta.shape[-1])
+
     def _project_delta(self, layer: LayerPlan, delta: torch.Tensor) -> torch.Tensor:
         """(B, T, k_out): P_out^T delta_t for every position t."""
-        if layer.kind == "conv2d":
-            delta = delta.flatten(2).transpose(1, 2)                     # (B, H'W', C_out)
-        else:
-            delta = delta.reshape(delta.shape[0], -1, delta.shape[-1])
+        delta = self._positions(layer, delta)
         p_out = self.factor(layer, "out", delta.dtype, delta.device)
         return delta if p_out is None else delta @ p_out
+
+    # -- tensor sketch ---------------------------------------------------------------------------------
+    @staticmethod
+    def _via_gradient(layer: LayerPlan, positions: int) -> bool:
+        """Form the per-example gradient (T * d_out * d_in flops, then a scatter of d_out * d_in) instead of
+        sketching every position and its FFT (T * (d_in + d_out + 2 s log s)): cheaper for convolutions with
+        many positions and few channels, and for small layers; the result is the same count sketch."""
+        s_log_s = layer.dim * max(1.0, math.log2(layer.dim))
+        fft = positions * (layer.d_in + layer.d_out + 2 * s_log_s) + s_log_s
+        return (positions + 4) * layer.d_out * layer.d_in <= fft
+
+    def _hash(self, key: tuple, make) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._mats:
+            self._mats[key] = make()
+        return self._mats[key]
+
+    def _sketch_side(self, layer: LayerPlan, side: str, x: torch.Tensor) -> torch.Tensor:
+        """Count sketch C_side x of (..., d) rows -> (..., s) (a scatter-add, no d x s matrix)."""
+        buckets, signs = self._hash((layer.name, side, "cs", x.dtype, x.device), lambda: tuple(
+            t.to(x.device) for t in (self.count_sketch(layer, side)[0], self.count_sketch(layer, side)[1].to(x.dtype))))
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_zeros(flat.shape[0], layer.dim).scatter_add_(1, buckets.expand(flat.shape[0], -1), flat * signs)
+        return out.reshape(*x.shape[:-1], layer.dim)
+
+    def _pair_hash(self, layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket (h_out(o) + h_in(i)) mod s and sign s_out(o) s_in(i) of every (o, i), row-major like vec(G)."""
+        def make():
+            h_out, s_out = self.count_sketch(layer, "out")
+            h_in, s_in = self.count_sketch(layer, "in")
+            buckets = ((h_out[:, None] + h_in[None, :]) % layer.dim).reshape(-1)
+            return buckets.to(device), (s_out[:, None] * s_in[None, :]).reshape(-1).to(device, dtype)
+        return self._hash((layer.name, "pairs", dtype, device), make)
+
+    def _gradient_sketch(self, layer: LayerPlan, a_rec: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """(B, s) tensor sketch of G = sum_t delta_t [a_t; 1]^T formed explicitly from (B, T, d_in) inputs and
+        (B, T, d_out) deltas, scattered with the pair hash (the FFT path's result, computed the other way)."""
+        g = torch.einsum("bto,bti->boi", delta, a_rec).reshape(delta.shape[0], -1)
+        buckets, signs = self._pair_hash(layer, g.dtype, g.device)
+        return g.new_zeros(g.shape[0], layer.dim).scatter_add_(1, buckets.expand(g.shape[0], -1), g * signs)
 
     def _dense_fallback(self, batch: Any) -> torch.Tensor:
         if self._fallback_grads is None:
             self._fallback_grads = PerExampleGradients(self.module, self.output_fn, self.fallback.param_names)
-            exact = self.fallback.dim >= self.fallback.numel
+            exact = self.fallback.dim >= self.fallback.numel and not self.summed
             self._fallback_proj = RandomProjector(self.fallback.numel, self.fallback.dim,
                                                   "identity" if exact else self.kind,
                                                   seed=derived_seed(self.seed, "fallback"), device=self.device)

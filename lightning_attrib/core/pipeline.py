@@ -12,7 +12,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,12 @@ from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
-from .projection import RandomProjector
-from .results import AttributionResult, load_results, save_array, save_json
+from .projection import FACTORIZED_KINDS, RandomProjector
+from .results import TOPK_FILES, AttributionResult, load_results, save_array, save_json
 from .store import FeatureStore, ensure_writable_dir
 
 Progress = Callable[[str, int, int], None]
+SCORE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -99,7 +101,9 @@ class Attributor:
         method: a `FeatureMethod` (e.g. `TRAK()`).
         train_dataset, query_dataset: map-style datasets; rows of the result follow their index order.
         out_dir: where the feature store (`out_dir/features`) and result files go.
-        proj_dim, projector, seed: the random projection (`identity` keeps full gradients).
+        proj_dim, projector, seed: the random projection: "tensorsketch" (default; count sketches from layer hooks,
+            as accurate as a dense projection at a fraction of the cost), "rademacher"/"gaussian" (dense),
+            "factorized" (Kronecker), "identity" (full gradients).
         params: which parameters to attribute through (names/prefixes/predicate; default all trainable).
         output_fn: overrides the method's output function: a name or a callable (module, batch) -> (B,).
         batch_size, shard_size, query_chunk: memory/throughput knobs; shard_size is the resumption unit.
@@ -108,14 +112,23 @@ class Attributor:
         progress: optional callback `(stage, done, total)`.
         self_influence: compute self-influence (one extra T_c per training example: free for TRAK-like methods,
             n_train iterative solves for influence/cg and lissa). When False, `self_influence.npy` holds NaN.
+        score_dtype: precision of the big train x query matmul. The kernel, its inverse and the query transform
+            T_c are float64 either way; "float32" (default) casts the transformed queries once and multiplies at
+            float32 BLAS speed (about 2x float64; error ~1e-6 of |phi_i| |T_c phi_q|, so relatively more where
+            scores cancel), "float64" multiplies in float64 (exact reference comparisons). Stored scores are float32.
+        top_k: None (default) writes the full (n_train, n_query) matrix `scores.npy`. An int k keeps only each
+            query's k highest (proponents) and k lowest (opponents) scores, computed streaming over the train
+            shards without ever holding n_train x n_query (`topk_*.npy`, see `core/results.py`); k larger than
+            n_train keeps all n_train, ranked.
     """
 
     def __init__(self, module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
-                 out_dir: str | os.PathLike, *, proj_dim: int = 2048, projector: str = "rademacher", seed: int = 0,
+                 out_dir: str | os.PathLike, *, proj_dim: int = 2048, projector: str = "tensorsketch", seed: int = 0,
                  params: ParamSelector = None, output_fn: str | OutputFunction | Callable | None = None,
                  batch_size: int = 64, shard_size: int = 512, query_chunk: int = 1024,
                  collate_fn: Callable | None = None, num_workers: int = 0, dist: Dist | None = None,
-                 progress: Progress | None = None, self_influence: bool = True):
+                 progress: Progress | None = None, self_influence: bool = True, score_dtype: str = "float32",
+                 top_k: int | None = None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(method, FeatureMethod):
@@ -125,6 +138,12 @@ class Attributor:
         for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("query_chunk", query_chunk)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be 'float32' (fast, the default) or 'float64' (for exact reference "
+                             f"comparisons), got {score_dtype!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+            raise ValueError(f"top_k must be None (write the full score matrix) or a positive integer (keep each "
+                             f"query's top k proponents and opponents), got {top_k!r}")
         self.n_train = _dataset_len(train_dataset, "train_dataset")
         self.n_query = _dataset_len(query_dataset, "query_dataset")
         self.module, self.method = module, method
@@ -140,6 +159,8 @@ class Attributor:
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.progress = progress
         self.compute_self_influence = bool(self_influence)
+        self.score_dtype = score_dtype
+        self.top_k = None if top_k is None else min(top_k, self.n_train)  # more than n_train: all of them, ranked
         self.timings: dict[str, float] = {}
 
     # -- public ----------------------------------------------------------------------------------
@@ -197,13 +218,14 @@ class Attributor:
                 ";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
             "num_params": int(sum(params[n].numel() for n in self.param_names)),
         }
-        if self.projector_kind == "factorized":  # which layers are factorized and how k is split among them
+        if self.projector_kind in FACTORIZED_KINDS:  # which layers are factorized and how k is split among them
             settings["factorized_layout"] = self._factorized_projector().layout_hash
         return settings
 
     def _factorized_projector(self, seed: int | None = None) -> FactorizedProjector:
         return FactorizedProjector(self.module, self.output, self.param_names, self.proj_dim,
-                                   self.seed if seed is None else seed, device=self.dist.device)
+                                   self.seed if seed is None else seed, device=self.dist.device,
+                                   sketch=FACTORIZED_KINDS[self.projector_kind])
 
     def _open_store(self) -> FeatureStore:
         root = self.out_dir / "features" / self.output.name
@@ -230,8 +252,8 @@ class Attributor:
             store.create(snap.name, "query", np.arange(self.n_query))
         self.dist.barrier()
         seed = snapshot_seed(self.seed, snap.name)  # an independent projection per snapshot (as TRAK's ensembles)
-        if self.projector_kind == "factorized":
-            # Kronecker-factorized features straight from one batched backward: no per-example gradients,
+        if self.projector_kind in FACTORIZED_KINDS:
+            # Kronecker-factorized / tensor-sketched features straight from one batched backward: no per-example gradients,
             # no dense projector (`grads(batch)` already returns (B, k) features).
             grads, projector = self._factorized_projector(seed), None
         else:
@@ -253,7 +275,7 @@ class Attributor:
                         projector: RandomProjector | None, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
                             collate_fn=self.collate_fn, num_workers=self.num_workers)
-        feats, weights, offset = [], [], lo
+        feats, weights, offset = None, np.empty(hi - lo, dtype=np.float32), lo
         was_training = self.module.training
         self.module.eval()
         try:
@@ -271,12 +293,18 @@ class Attributor:
                 f = projector(g) if projector is not None else g
                 if self.method.normalize_features:
                     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                feats.append(f.cpu().numpy())
-                weights.append(self.output.loss_weight(self.module, batch).float().cpu().numpy())
+                if feats is None:  # k is known once the first batch is featurized
+                    feats = np.empty((hi - lo, f.shape[1]), dtype=np.float32)
+                rows = slice(offset - lo, offset - lo + f.shape[0])
+                feats[rows] = f.cpu().numpy()
+                weights[rows] = self.output.loss_weight(self.module, batch).cpu().numpy()
                 offset += g.shape[0]
         finally:
             self.module.train(was_training)
-        return np.concatenate(feats), np.concatenate(weights)
+        if offset != hi:
+            raise ValueError(f"the data loader gave {offset - lo} {what}s for rows [{lo}, {hi}): the dataset's __len__ "
+                             "and its items disagree")
+        return feats, weights
 
     def _model_context(self, store: FeatureStore, index: int, snap: Snapshot) -> ModelContext:
         """What `method.prepare` sees (see `methods/context.py`): module at `snap`'s weights, training data, features."""
@@ -336,67 +364,72 @@ class Attributor:
         return self.dist.all_reduce_sum(out).cpu().numpy()
 
     def _query_block(self) -> tuple[int, int]:
-        bounds = np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
+        bounds = self._query_bounds()
         return int(bounds[self.dist.rank]), int(bounds[self.dist.rank + 1])
 
     def _read_rows(self, store: FeatureStore, snap: str, split: str, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of a split as float64, copying only those rows out of the memory-mapped shards."""
         n = len(store.ids(snap, split))
         parts = []
         for s in range(lo // store.shard_size, math.ceil(hi / store.shard_size)):
             s_lo, s_hi = store.shard_range(s, n)
-            f, _ = store.read_shard(snap, split, s)
-            parts.append(f[max(lo, s_lo) - s_lo: min(hi, s_hi) - s_lo])
+            parts.append(store.read_features(snap, split, s)[max(lo, s_lo) - s_lo: min(hi, s_hi) - s_lo])
         return torch.from_numpy(np.concatenate(parts)).to(self.dist.device, torch.float64)
 
     def _part_path(self, rank: int) -> Path:
         return self.out_dir / ".parts" / f"scores-rank{rank:04d}.npy"
 
+    def _topk_part_path(self, rank: int) -> Path:
+        return self.out_dir / ".parts" / f"topk-rank{rank:04d}.npz"
+
     def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None) -> None:
-        """scores[:, my query block], streamed over train shards, into this rank's part file."""
+        """Scores of my query block, streamed over the train shards, into this rank's part file: the full
+        columns, or with `top_k` each query's running top k (never n_train x n_query in memory)."""
         q_lo, q_hi = self._query_block()
         if self.dist.rank == 0:
             (self.out_dir / ".parts").mkdir(exist_ok=True)
         self.dist.barrier()
-        part = np.lib.format.open_memmap(self._part_path(self.dist.rank), mode="w+", dtype=np.float32,
-                                         shape=(self.n_train, q_hi - q_lo))
-        device = self.dist.device
-        w = weights.to(device) if weights is not None else None
+        device, dtype = self.dist.device, SCORE_DTYPES[self.score_dtype]
+        sink = (TopKSink(self._topk_part_path(self.dist.rank), self.top_k) if self.top_k
+                else FullScoresSink(self._part_path(self.dist.rank), self.n_train, q_lo, q_hi))
+        w = weights.to(device, dtype) if weights is not None else None
         chunks = list(range(q_lo, q_hi, self.query_chunk))
+        shards = list(range(store.num_shards(self.n_train)))
         for i, c_lo in enumerate(chunks):
             c_hi = min(q_hi, c_lo + self.query_chunk)
-            transformed = [self.method.transform(c, self._read_rows(store, s.name, "query", c_lo, c_hi)).T.contiguous()
-                           for c, s in enumerate(snapshots)]
-            for shard in range(store.num_shards(self.n_train)):
-                acc = None
-                for c, snap in enumerate(snapshots):
-                    f, _ = store.read_shard(snap.name, "train", shard)
-                    block = torch.from_numpy(f).to(device, torch.float64) @ transformed[c]
-                    acc = block if acc is None else acc.add_(block)
+            # T_c in float64 (the kernel inverse lives there), then one cast: the big matmul runs in `dtype`
+            queries = [self.method.transform(c, self._read_rows(store, s.name, "query", c_lo, c_hi))
+                       .to(dtype).T.contiguous() for c, s in enumerate(snapshots)]
+            sink.begin(c_lo, c_hi)
+            for shard, feats in zip(shards, prefetched(lambda s: self._read_train_shard(store, snapshots, s), shards)):
                 lo, hi = store.shard_range(shard, self.n_train)
+                block = torch.empty(hi - lo, c_hi - c_lo, dtype=dtype, device=device)
+                for c, f in enumerate(feats):  # the sum over snapshots accumulates in the GEMM itself (beta = 1)
+                    f = torch.from_numpy(f).to(device, dtype)
+                    if c == 0:
+                        torch.mm(f, queries[0], out=block)
+                    else:
+                        block.addmm_(f, queries[c])
                 if w is not None:
-                    acc *= w[lo:hi, None]
-                part[lo:hi, c_lo - q_lo:c_hi - q_lo] = acc.float().cpu().numpy()
+                    block *= w[lo:hi, None]
+                sink.add(lo, block)
             if self.progress:
                 self.progress("score", i + 1, len(chunks))
-        part.flush()
-        del part
+        sink.close()
+
+    @staticmethod
+    def _read_train_shard(store: FeatureStore, snapshots: list[Snapshot], shard: int) -> list[np.ndarray]:
+        """One train shard's features at every snapshot, read into memory (this runs in the prefetch thread)."""
+        return [store.read_features(s.name, "train", shard, mmap=False) for s in snapshots]
 
     def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray) -> None:
-        scores_path = self.out_dir / "scores.npy"
-        if self.dist.world_size == 1:
-            os.replace(self._part_path(0), scores_path)
+        stale = ("scores.npy",) if self.top_k else TOPK_FILES  # the other kind's files from an earlier run here
+        for name in stale:
+            (self.out_dir / name).unlink(missing_ok=True)
+        if self.top_k:
+            self._assemble_topk()
         else:
-            scores = np.lib.format.open_memmap(self.out_dir / "scores.tmp.npy", mode="w+", dtype=np.float32,
-                                               shape=(self.n_train, self.n_query))
-            bounds = np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
-            for r in range(self.dist.world_size):
-                if bounds[r + 1] > bounds[r]:
-                    part = np.load(self._part_path(r), mmap_mode="r")
-                    for lo in range(0, self.n_train, 4096):
-                        scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
-            scores.flush()
-            del scores
-            os.replace(self.out_dir / "scores.tmp.npy", scores_path)
+            self._assemble_scores()
         shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
         save_array(self.out_dir / "self_influence.npy", self_influence.astype(np.float32))
         save_array(self.out_dir / "train_ids.npy", store.ids(snapshots[0].name, "train"))
@@ -413,6 +446,137 @@ class Attributor:
             "world_size": self.dist.world_size,
             "constant_self_influence": self.method.constant_self_influence,
             "self_influence_computed": self.compute_self_influence,
+            "score_dtype": self.score_dtype,
+            "top_k": self.top_k,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
         })
+
+    def _query_bounds(self) -> np.ndarray:
+        """Query block boundaries: rank r scores queries [bounds[r], bounds[r + 1])."""
+        return np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
+
+    def _assemble_scores(self) -> None:
+        """scores.npy from the ranks' column blocks (one rank: its part is the matrix)."""
+        scores_path = self.out_dir / "scores.npy"
+        if self.dist.world_size == 1:
+            os.replace(self._part_path(0), scores_path)
+            return
+        scores = np.lib.format.open_memmap(self.out_dir / "scores.tmp.npy", mode="w+", dtype=np.float32,
+                                           shape=(self.n_train, self.n_query))
+        bounds = self._query_bounds()
+        for r in range(self.dist.world_size):
+            if bounds[r + 1] > bounds[r]:
+                part = np.load(self._part_path(r), mmap_mode="r")
+                for lo in range(0, self.n_train, 4096):
+                    scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
+        scores.flush()
+        del scores
+        os.replace(self.out_dir / "scores.tmp.npy", scores_path)
+
+    def _assemble_topk(self) -> None:
+        """topk_*.npy from the ranks' query blocks, stacked in rank (= query) order."""
+        parts = [np.load(self._topk_part_path(r)) for r in range(self.dist.world_size)]
+        for name in TOPK_FILES:
+            save_array(self.out_dir / name, np.concatenate([p[Path(name).stem] for p in parts]))
+
+
+def prefetched(load: Callable[[Any], Any], items: Sequence) -> Iterator:
+    """Yield `load(item)` for each item while a background thread already loads the next one, so that reading
+    shard s+1 (numpy file reads release the GIL) overlaps the matmul of shard s."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, items[0])
+        for nxt in list(items[1:]) + [None]:
+            result = pending.result()
+            if nxt is not None:
+                pending = pool.submit(load, nxt)
+            yield result
+
+
+class FullScoresSink:
+    """Writes score blocks (train rows x query chunk) into this rank's memory-mapped (n_train, n_block) part."""
+
+    def __init__(self, path: Path, n_train: int, q_lo: int, q_hi: int):
+        self.part = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_train, q_hi - q_lo))
+        self.q_lo, self.cols = q_lo, slice(0, 0)
+
+    def begin(self, c_lo: int, c_hi: int) -> None:
+        self.cols = slice(c_lo - self.q_lo, c_hi - self.q_lo)
+
+    def add(self, lo: int, block: torch.Tensor) -> None:
+        self.part[lo:lo + block.shape[0], self.cols] = block.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.part.flush()
+        del self.part
+
+
+class RunningTopK:
+    """The k largest (or smallest) scores per query, and their train rows, over blocks of train rows streamed in.
+
+    A block is merged by one `torch.topk` over [best k so far, block], but only for the queries whose block holds
+    a score beyond their current k-th best (checked with one max/min per query): once a few thousand rows were
+    seen that is a small minority, and topk (~10 ns per element on a CPU) would otherwise cost a third of the GEMM.
+    """
+
+    def __init__(self, k: int, largest: bool):
+        self.k, self.largest = k, largest
+        self.values: torch.Tensor | None = None  # (n_query, <= k), best first
+        self.rows: torch.Tensor | None = None    # (n_query, <= k) int64 train rows
+
+    def update(self, lo: int, block: torch.Tensor) -> None:
+        """Merge `block` (m train rows starting at row `lo`, n queries) into the running top k."""
+        values = block.T
+        if self.values is not None and self.values.shape[1] == self.k:  # full: merge only where it can change
+            extreme = values.amax(dim=1) if self.largest else values.amin(dim=1)
+            beyond = extreme > self.values[:, -1] if self.largest else extreme < self.values[:, -1]
+            sel = beyond.nonzero().squeeze(1)
+            if len(sel):
+                best, rows = self._merge(self.values[sel], self.rows[sel], values[sel], lo)
+                self.values[sel], self.rows[sel] = best, rows
+            return
+        if self.values is None:
+            self.values = values[:, :0]
+            self.rows = torch.zeros(values.shape[0], 0, dtype=torch.int64, device=values.device)
+        self.values, self.rows = self._merge(self.values, self.rows, values, lo)
+
+    def _merge(self, best: torch.Tensor, best_rows: torch.Tensor, values: torch.Tensor, lo: int):
+        rows = torch.arange(lo, lo + values.shape[1], device=values.device).expand(values.shape[0], -1)
+        values, rows = torch.cat([best, values], dim=1), torch.cat([best_rows, rows], dim=1)
+        top, pos = torch.topk(values, min(self.k, values.shape[1]), dim=1, largest=self.largest, sorted=True)
+        return top, rows.gather(1, pos)
+
+
+class TopKSink:
+    """Keeps each query's top-k proponents and opponents over the streamed blocks; writes this rank's part."""
+
+    def __init__(self, path: Path, k: int):
+        self.path, self.k = path, k
+        self.chunks: list[tuple[RunningTopK, RunningTopK]] = []
+
+    def begin(self, c_lo: int, c_hi: int) -> None:
+        self.chunks.append((RunningTopK(self.k, largest=True), RunningTopK(self.k, largest=False)))
+
+    def add(self, lo: int, block: torch.Tensor) -> None:
+        for running in self.chunks[-1]:
+            running.update(lo, block)
+
+    def close(self) -> None:
+        """One .npz with the four `topk_*` arrays of this rank's queries (keys: the file names without .npy)."""
+        rows = {"proponents": [b.rows for b, _ in self.chunks], "opponents": [w.rows for _, w in self.chunks]}
+        vals = {"proponents": [b.values for b, _ in self.chunks], "opponents": [w.values for _, w in self.chunks]}
+        arrays = {}
+        for side in ("proponents", "opponents"):
+            arrays[f"topk_{side}"] = _stack(rows[side], self.k, np.int64)
+            arrays[f"topk_{side}_scores"] = _stack(vals[side], self.k, np.float32)
+        tmp = self.path.with_name(self.path.stem + f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.path)
+
+
+def _stack(parts: list[torch.Tensor], k: int, dtype) -> np.ndarray:
+    if not parts:  # a rank with an empty query block
+        return np.zeros((0, k), dtype)
+    return np.concatenate([p.cpu().numpy() for p in parts]).astype(dtype, copy=False)

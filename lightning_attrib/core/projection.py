@@ -13,8 +13,10 @@ import torch
 
 BLOCK_ROWS = 1024
 DENSE_KINDS = ("rademacher", "gaussian", "identity")
-# "factorized": Kronecker-factorized projection from one batched backward (core/factorized.py), no p x k matrix.
-PROJECTOR_KINDS = DENSE_KINDS + ("factorized",)
+# From one batched backward with layer hooks (core/factorized.py), no per-example gradient and no p x k matrix:
+# "factorized" = Kronecker product P_out (x) P_in, "tensorsketch" = count sketches combined by FFT.
+FACTORIZED_KINDS = {"factorized": "kronecker", "tensorsketch": "tensor"}
+PROJECTOR_KINDS = DENSE_KINDS + tuple(FACTORIZED_KINDS)
 
 
 class RandomProjector:
@@ -28,7 +30,7 @@ class RandomProjector:
     def __init__(self, num_params: int, proj_dim: int, kind: str = "rademacher", seed: int = 0,
                  chunk_rows: int = 8 * BLOCK_ROWS, cache_bytes: int = 2**30, device: str | torch.device = "cpu"):
         if kind not in DENSE_KINDS:
-            hint = ": use core.factorized.FactorizedProjector" if kind == "factorized" else ""
+            hint = ": use core.factorized.FactorizedProjector" if kind in FACTORIZED_KINDS else ""
             raise ValueError(f"dense projector kind must be one of {DENSE_KINDS}, got {kind!r}{hint}")
         if kind == "identity":
             proj_dim = num_params

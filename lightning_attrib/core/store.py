@@ -1,15 +1,19 @@
-"""On-disk feature store: one file per (snapshot, split, shard), a settings manifest checked on reopen.
+"""On-disk feature store: plain `.npy` files per (snapshot, split, shard), a settings manifest checked on reopen.
 
 Layout under `root`:
-    settings.json                               what every feature depends on (projector, k, seed, model, ...)
+    settings.json                               what every feature depends on (projector, k, seed, model, ...),
+                                                the shard size and the file format
     <snapshot>/fingerprint.json                 the weights the snapshot's features came from
     <snapshot>/<split>/ids.npy                  (n,) int64 dataset indices; row i of the split = example ids[i]
-    <snapshot>/<split>/shard-XXXXXX.npz         rows [s*shard_size, ...): `features` (m, k) float32 and
-                                                `loss_weight` (m,) float32 (TRAK's Q; ones when undefined)
+    <snapshot>/<split>/loss_weight-XXXXXX.npy   shard s, rows [s*shard_size, ...): (m,) float32 loss weights
+                                                (TRAK's Q; ones when undefined)
+    <snapshot>/<split>/shard-XXXXXX.npy         shard s: (m, k) float32 features
 
-A shard file is written under a temporary name and renamed, so its presence means "done": an interrupted
-run resumes and recomputes nothing finished. Processes (DDP ranks, nodes on a shared filesystem) write
-disjoint shard files, never the same file; only one process (rank 0) creates settings and ids.
+A shard's loss weights are written first, then its features under a temporary name renamed into place LAST,
+so the presence of `shard-XXXXXX.npy` means "done": an interrupted run resumes and recomputes nothing finished
+(a crash in between leaves loss weights that the rerun overwrites). Plain `.npy` (no zip, no CRC) is read
+memory-mapped: no copy on read. Processes (DDP ranks, nodes on a shared filesystem) write disjoint shard
+files, never the same file; only one process (rank 0) creates settings and ids.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+
+STORE_FORMAT = "npy-shards-v2"  # v1 (no "format" in settings.json): one .npz per shard
 
 
 class StoreMismatchError(ValueError):
@@ -39,7 +46,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
 
 
 class FeatureStore:
-    """Memmapped per-example features, resumable per shard."""
+    """Per-example features in shard files, written atomically (resumable per shard), read memory-mapped."""
 
     def __init__(self, root: str | os.PathLike, settings: dict, shard_size: int = 256, create: bool = True):
         if shard_size <= 0:
@@ -56,6 +63,12 @@ class FeatureStore:
         path = self.root / "settings.json"
         if path.exists():
             old = json.loads(path.read_text())
+            if old.get("format") != STORE_FORMAT:
+                raise StoreMismatchError(
+                    f"the feature store at {self.root} was written by an older lightning-attrib (format "
+                    f"{old.get('format', 'npz-shards-v1')!r}, this version reads {STORE_FORMAT!r}). Delete that "
+                    "directory to recompute the features, or use a new out_dir."
+                )
             stored, current = old.get("settings", {}), self.settings
             diff = {k: (stored.get(k), current.get(k)) for k in set(stored) | set(current) if stored.get(k) != current.get(k)}
             if diff:
@@ -70,7 +83,8 @@ class FeatureStore:
                     "use the same shard_size or a new out_dir"
                 )
         elif create:
-            _atomic_write(path, json.dumps({"settings": self.settings, "shard_size": self.shard_size}, indent=2))
+            _atomic_write(path, json.dumps({"settings": self.settings, "shard_size": self.shard_size,
+                                            "format": STORE_FORMAT}, indent=2))
 
     def register_snapshot(self, snapshot: str, fingerprint: str) -> None:
         """Record which weights `snapshot` means; refuse if the store holds features of other weights."""
@@ -109,9 +123,7 @@ class FeatureStore:
                 )
             return
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f"ids.tmp{os.getpid()}.npy"
-        np.save(tmp, ids)
-        os.replace(tmp, d / "ids.npy")
+        _atomic_save(d / "ids.npy", ids)
 
     def exists(self, snapshot: str, split: str) -> bool:
         return (self.split_dir(snapshot, split) / "ids.npy").exists()
@@ -120,21 +132,36 @@ class FeatureStore:
         return np.load(self.split_dir(snapshot, split) / "ids.npy")
 
     def _shard_path(self, snapshot: str, split: str, shard: int) -> Path:
-        return self.split_dir(snapshot, split) / f"shard-{shard:06d}.npz"
+        """The features file: its presence marks the shard done."""
+        return self.split_dir(snapshot, split) / f"shard-{shard:06d}.npy"
+
+    def _loss_weight_path(self, snapshot: str, split: str, shard: int) -> Path:
+        return self.split_dir(snapshot, split) / f"loss_weight-{shard:06d}.npy"
 
     def is_done(self, snapshot: str, split: str, shard: int) -> bool:
         return self._shard_path(snapshot, split, shard).exists()
 
     def write_shard(self, snapshot: str, split: str, shard: int, features: np.ndarray, loss_weight: np.ndarray) -> None:
-        """Write one finished shard atomically (its presence marks it done)."""
-        path = self._shard_path(snapshot, split, shard)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, features=np.asarray(features, dtype=np.float32), loss_weight=np.asarray(loss_weight, dtype=np.float32))
-        os.replace(tmp, path)
+        """Write one finished shard: loss weights, then the features renamed into place last (marks it done)."""
+        features, loss_weight = np.asarray(features), np.asarray(loss_weight)
+        if features.ndim != 2 or loss_weight.shape != (features.shape[0],):
+            raise ValueError(f"a shard needs (m, k) features and (m,) loss weights, got {features.shape} and "
+                             f"{loss_weight.shape}")
+        _atomic_save(self._loss_weight_path(snapshot, split, shard), loss_weight.astype(np.float32, copy=False))
+        _atomic_save(self._shard_path(snapshot, split, shard), features.astype(np.float32, copy=False))
 
-    def read_shard(self, snapshot: str, split: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self._shard_path(snapshot, split, shard)) as z:
-            return z["features"], z["loss_weight"]
+    def read_features(self, snapshot: str, split: str, shard: int, mmap: bool = True) -> np.ndarray:
+        """(m, k) float32 features of one shard. `mmap=True` maps the file copy-on-write: nothing is copied up
+        front, and the array is writable (torch.from_numpy takes it) without writes ever reaching the file.
+        `mmap=False` reads it into memory now (what a prefetching thread wants)."""
+        return np.load(self._shard_path(snapshot, split, shard), mmap_mode="c" if mmap else None)
+
+    def read_loss_weight(self, snapshot: str, split: str, shard: int) -> np.ndarray:
+        return np.load(self._loss_weight_path(snapshot, split, shard))
+
+    def read_shard(self, snapshot: str, split: str, shard: int, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(features (m, k) float32, loss_weight (m,) float32) of one shard; see `read_features` for `mmap`."""
+        return self.read_features(snapshot, split, shard, mmap), self.read_loss_weight(snapshot, split, shard)
 
     def pending_shards(self, snapshot: str, split: str) -> list[int]:
         n = len(self.ids(snapshot, split))
@@ -166,6 +193,14 @@ class FeatureStore:
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """np.save under a temporary name (one that never matches `shard-*.npy`), then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a path not ending in it
+        np.save(fh, array)
+    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.results import RESULT_FILES, AttributionResult
+from ..core.results import AttributionResult
 from .images import example_image
 
 
@@ -55,7 +55,7 @@ class WandbReporter(LoggerReporter):
         run.log(payload)
         artifact = wandb.Artifact(f"attribution-{run.id}", type="attribution",
                                   metadata={k: v for k, v in result.manifest.items() if k != "timings"})
-        for name in RESULT_FILES:
+        for name in result.files:  # the full matrix, or the top-k files of a top-k result
             artifact.add_file(str(result.out_dir / name))
         run.log_artifact(artifact)
 
@@ -82,12 +82,13 @@ class WandbReporter(LoggerReporter):
     def _gallery_table(self, result, train_ds, query_ds, query_pred, to_image, log_images, n_queries, k):
         import wandb
 
+        k = min(k, result.top_k or k)  # a top-k result answers for up to its k
         cols = ["query_id", "query_image", "label", "predicted"]
         cols += [f"proponent_{i + 1}" for i in range(k)] + ["proponent_scores"]
         cols += [f"opponent_{i + 1}" for i in range(k)] + ["opponent_scores"]
         table = wandb.Table(columns=cols)
         pos_of = {int(t): i for i, t in enumerate(result.train_ids)}
-        for q in range(min(n_queries, result.scores.shape[1])):
+        for q in range(min(n_queries, result.n_query)):
             row = [int(result.query_ids[q]), self._image(wandb, query_ds, q, to_image, log_images),
                    int(query_pred.label[q]) if query_pred is not None else None,
                    int(query_pred.predicted[q]) if query_pred is not None else None]

@@ -48,12 +48,15 @@ def main():
     ap.add_argument("--proj-dim", type=int, default=64)
     ap.add_argument("--crash-rank", type=int)
     ap.add_argument("--crash-after", type=int, default=2)
+    ap.add_argument("--top-k", type=int)
     args = ap.parse_args()
     train, query = datasets(args.n_train, args.n_query)
     if args.mode == "attribute":
         kw = {}
         if args.crash_rank is not None:
             kw["progress"] = CrashAfter(args.crash_rank, args.crash_after)
+        if args.top_k is not None:
+            kw["top_k"] = args.top_k
         model = LitClassifier(arch="mlp", hidden=16)
         attribute(model, train, query, args.out, snapshots=args.snapshots, devices=args.devices, strategy=args.strategy,
                   proj_dim=args.proj_dim, shard_size=args.shard_size, batch_size=8, **kw)

@@ -1,0 +1,267 @@
+"""GradientCapture: in-training features == post-hoc FactorizedProjector features; chunk files; in-run TracIn; DDP."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attrib.callbacks import CheckpointCapture
+from lightning_attrib.callbacks.gradient_capture import (GradientCapture, capture_projector, load_capture_settings,
+                                                         read_capture, tracin_from_capture)
+from lightning_attrib.core.factorized import FactorizedProjector
+from lightning_attrib.core.outputs import resolve_output
+from lightning_attrib.data import load_digits_tensors
+from tests.test_factorized import _explicit_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    kw = {"max_epochs": 1, **kw}
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=tmp_path, **{"enable_checkpointing": False, **kw})
+
+
+class _LitNet(L.LightningModule):
+    """Every capture path: a strided, padded Conv2d; LayerNorm (skipped); an in-place ReLU right on a hooked
+    Linear; a Linear over 3 positions without bias; a Linear called twice (summed); a Linear off the loss path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1, stride=2)   # 8x8 digits -> 3 x 4 x 4
+        self.ln = nn.LayerNorm(48)
+        self.fc = nn.Linear(48, 6)
+        self.act = nn.ReLU(inplace=True)
+        self.seq = nn.Linear(6, 4, bias=False)
+        self.twice = nn.Linear(12, 12)
+        self.unused = nn.Linear(12, 2)
+        self.head = nn.Linear(12, 10)
+        self.before: dict[int, dict] = {}   # weights at the first batch of every optimizer step
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x.view(-1, 1, 8, 8))).flatten(1)
+        h = self.act(self.fc(self.ln(h)))
+        h = torch.tanh(self.seq(torch.stack([h, 2 * h, -h + 0.3], dim=1))).flatten(1)
+        h = self.twice(torch.tanh(self.twice(h)))
+        self.unused(h)
+        return self.head(h)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before.setdefault(self.trainer.global_step, {k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _digits(n, start=0):
+    x, y = load_digits_tensors()
+    return x[start:start + n], y[start:start + n]
+
+
+@pytest.mark.parametrize("proj_dim,store", [(60, "memory"), (150, "disk"), (10_000, "memory")])
+def test_capture_equals_post_hoc_features_on_every_path(tmp_path, proj_dim, store):
+    x, y = _digits(90)  # batches of 32, 32, 26: the last one changes the mean-loss scale
+    torch.manual_seed(0)
+    model = _LitNet()
+    cap = GradientCapture(proj_dim=proj_dim, seed=4, out_dir=tmp_path / "cap" if store == "disk" else None,
+                          chunk_size=40, ids_fn=lambda b: torch.arange(len(b[0])))
+    _trainer(tmp_path, [cap], accumulate_grad_batches=2).fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    assert cap.skipped_params == ["ln.weight", "ln.bias"]
+    assert [la.plan.name for la in cap._layers] == ["conv", "fc", "seq", "twice", "unused", "head"]
+    records = cap.records
+    assert [(r["step"], r["batch_idx"]) for r in records] == [(0, 0), (0, 1), (1, 2)]
+    assert all(r["lr"] == 0.5 for r in records)
+    post = _LitNet()
+    loss = resolve_output("loss")
+    for rec in records:
+        post.load_state_dict(model.before[rec["step"]])
+        i = rec["batch_idx"] * 32
+        fp = FactorizedProjector(post, loss, cap.param_names, proj_dim=proj_dim, seed=4)
+        ref = fp.features((x[i:i + 32], y[i:i + 32]))
+        assert rec["features"].shape == ref.shape == (len(ref), cap.projector.proj_dim)
+        scale = ref.abs().max()
+        torch.testing.assert_close(rec["features"], ref, rtol=1e-4, atol=1e-5 * scale)
+        unused = next(la for la in cap._layers if la.plan.name == "unused")
+        assert (rec["features"][:, unused.start:unused.start + unused.plan.dim] == 0).all()
+    if proj_dim == 10_000:  # every block exact: both-identity layers and the identity convolution
+        assert all(la.plan.in_identity and la.plan.out_identity for la in cap._layers)
+    else:                   # random factors on both sides, and grids truncated mid-row
+        assert any(la.rem for la in cap._layers) and any(not la.plan.in_identity for la in cap._layers)
+    if store == "disk":
+        chunks = list(read_capture(tmp_path / "cap"))
+        assert [c["rank_dir"] for c in chunks] == ["rank-00000"] * 3 and [len(c["step"]) for c in chunks] == [32, 32, 26]
+        assert load_capture_settings(tmp_path / "cap")["layout_hash"] == cap.projector.layout_hash
+
+
+class _LitMLP(L.LightningModule):
+    """Batches are (x, y, dataset index); SGD with a per-step decaying lr; records weights, lr and ids per step."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10))
+        self.log_steps: dict[int, dict] = {}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.log_steps[self.trainer.global_step] = {
+            "weights": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"], "ids": batch[2].clone()}
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.3)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+                                                   "interval": "step"}}
+
+
+def test_in_run_tracin_from_chunk_files_equals_brute_force(tmp_path):
+    x, y = _digits(64)
+    xq, yq = _digits(5, start=1500)
+    data = TensorDataset(x, y, torch.arange(64))
+    torch.manual_seed(0)
+    model = _LitMLP()
+    out = tmp_path / "cap"
+    # the documented recipe: snapshots every n steps next to a capture every n steps (the weights of step s are
+    # saved as snapshot-step{s}; CheckpointCapture saves none for step 0)
+    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, ids_fn=lambda b: b[2], out_dir=out, chunk_size=40)
+    snaps = CheckpointCapture(dirpath=tmp_path / "snaps", every_n_steps=2)
+    loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    _trainer(tmp_path, [cap, snaps], max_epochs=3).fit(model, loader)
+    chunks = list(read_capture(out))
+    assert len(chunks) == 3 and sum(len(c["ids"]) for c in chunks) == 6 * 16   # steps 0, 2, ..., 10; 2 batches a chunk
+
+    proj = capture_projector(out, _LitMLP())
+
+    def query_features(step):
+        path = tmp_path / "snaps" / f"snapshot-step{step:08d}.pt"
+        if not path.exists():
+            return None  # step 0: skipped
+        proj.module.load_state_dict(torch.load(path)["state_dict"])
+        return proj.features((xq, yq))
+
+    res = tracin_from_capture(out, query_features)
+    assert res.steps == [2, 4, 6, 8, 10] and res.skipped_steps == [0]
+    assert res.scores.shape == (64, 5) and (res.counts.sum(), res.counts.max()) == (96, 3)
+
+    # brute force: explicit per-example loss gradients at each captured step's weights, times kron(P_out, P_in)
+    ref_scores, ref_self = np.zeros((64, 5)), np.zeros(64)
+    ref = _LitMLP()
+    loss = resolve_output("loss")
+    for step in range(0, 12, 2):
+        log = model.log_steps[step]
+        ref.load_state_dict(log["weights"])
+        fp = FactorizedProjector(ref, loss, None, proj_dim=40, seed=1)
+        ids = log["ids"].numpy()
+        phi = _explicit_features(fp, ref, loss, (x[ids], y[ids])).numpy()
+        np.add.at(ref_self, ids, log["lr"] * (phi ** 2).sum(1))
+        if step:
+            psi = _explicit_features(fp, ref, loss, (xq, yq)).numpy()
+            np.add.at(ref_scores, ids, log["lr"] * phi @ psi.T)
+    assert len({round(model.log_steps[s]["lr"], 6) for s in range(0, 12, 2)}) == 6   # the lr did change per step
+    np.testing.assert_allclose(res.scores, ref_scores, rtol=1e-4, atol=1e-5 * np.abs(ref_scores).max())
+    np.testing.assert_allclose(res.self_influence, ref_self, rtol=1e-4)
+    assert np.abs(ref_scores).max() > 0 and (res.counts > 0).sum() < 64  # some examples never captured
+
+
+def test_resume_drops_chunks_written_after_the_checkpoint(tmp_path):
+    x, y = _digits(64)
+    data = TensorDataset(x, y, torch.arange(64))
+    out = tmp_path / "cap"
+
+    def fit(epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        cap = GradientCapture(proj_dim=30, ids_fn=lambda b: b[2], out_dir=out, chunk_size=1000)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        _trainer(tmp_path, [cap, ckpt], max_epochs=epochs, enable_checkpointing=True).fit(
+            _LitMLP(), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+        return cap
+
+    fit(3)  # 12 steps; "crashes" after epoch 2 as far as the resumed run knows
+    with pytest.raises(ValueError, match="already holds captured chunks"):
+        fit(3)  # a fresh run into a used out_dir is refused
+    fit(3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")   # resume at step 4: steps 4..11 captured again
+    steps = np.concatenate([c["step"] for c in read_capture(out)])
+    assert sorted(steps.tolist()) == sorted(np.repeat(np.arange(12), 16).tolist())   # each step once
+
+
+def test_argument_validation():
+    for bad in ({"every_n_steps": 0}, {"chunk_size": -1}, {"every_n_steps": True}, {"proj_dim": 0}, {"allocation": "x"}):
+        with pytest.raises(ValueError):
+            GradientCapture(**bad)
+    with pytest.raises(ValueError, match="reduction"):
+        GradientCapture(reduction="max")
+    with pytest.raises(TypeError, match="ids_fn"):
+        GradientCapture(ids_fn=3)
+
+
+DDP_SCRIPT = """
+import sys, warnings
+import lightning as L, torch
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, {root!r})
+from lightning_attrib.callbacks.gradient_capture import GradientCapture
+from tests.test_gradient_capture import _LitMLP, _digits
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+x, y = _digits(50)
+torch.manual_seed(0)
+model = _LitMLP()
+torch.save(model.state_dict(), {out!r} + "/init.pt")
+cap = GradientCapture(proj_dim=30, seed=2, ids_fn=lambda b: b[2], out_dir={out!r} + "/cap", chunk_size=20)
+L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
+          enable_progress_bar=False, enable_model_summary=False, callbacks=[cap]).fit(
+    model, DataLoader(TensorDataset(x, y, torch.arange(50)), batch_size=8))
+"""
+
+
+def test_ddp_ranks_write_their_own_chunks(tmp_path):
+    script = tmp_path / "ddp_capture.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    chunks = list(read_capture(tmp_path / "cap"))
+    assert {c["rank_dir"] for c in chunks} == {"rank-00000", "rank-00001"}
+    assert load_capture_settings(tmp_path / "cap")["world_size"] == 2
+    # 50 examples over 2 ranks: 25 each, batches of 8: 4 steps per epoch, every example once per epoch
+    ids = np.concatenate([c["ids"] for c in chunks])
+    epochs = np.concatenate([c["epoch"] for c in chunks])
+    assert sorted(ids[epochs == 0].tolist()) == list(range(50)) and len(ids) == 100
+    # step 0 rows (initial weights on every rank): the post-hoc features of those examples
+    x, y = _digits(50)
+    model = _LitMLP()
+    model.load_state_dict(torch.load(tmp_path / "init.pt"))
+    proj = capture_projector(tmp_path / "cap", model)
+    for c in chunks:
+        rows = c["step"] == 0
+        if rows.any():
+            got = torch.from_numpy(np.asarray(c["features"])[rows])
+            torch.testing.assert_close(got, proj.features((x[c["ids"][rows]], y[c["ids"][rows]])), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
+    """A bf16-mixed fit captures float32 features; the bf16 forward moves them a little only."""
+    x, y = _digits(64)
+    torch.manual_seed(0)
+    model = _LitMLP()
+    cap = GradientCapture(proj_dim=40, seed=1, ids_fn=lambda b: b[2])
+    _trainer(tmp_path, [cap], precision="bf16-mixed").fit(model, DataLoader(TensorDataset(x, y, torch.arange(64)), batch_size=32))
+    proj = FactorizedProjector(_LitMLP(), resolve_output("loss"), cap.param_names, proj_dim=40, seed=1)
+    for rec in cap.records:
+        proj.module.load_state_dict(model.log_steps[rec["step"]]["weights"])
+        ref = proj.features((x[rec["ids"]], y[rec["ids"]]))
+        assert rec["features"].dtype == torch.float32 and torch.isfinite(rec["features"]).all()
+        assert (rec["features"] - ref).norm() < 0.05 * ref.norm()
