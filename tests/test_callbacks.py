@@ -52,6 +52,27 @@ def test_callback_writes_results_equal_to_plain_engine(tmp_path):
         torch.testing.assert_close(v, final[k])
 
 
+def test_callback_top_k_equals_top_of_the_full_matrix(tmp_path):
+    """`AttributionCallback(top_k=k)` never writes the full matrix; its proponents are the top-k rows of the full
+    scores of the same snapshots."""
+    train, val = digits()
+    L.seed_everything(0)
+    capture = CheckpointCapture(dirpath=tmp_path / "snaps", every_n_epochs=1)
+    attrib = AttributionCallback(proj_dim=64, out_dir=tmp_path / "attrib", shard_size=50, top_k=5)
+    trainer(tmp_path, [capture, attrib]).fit(LitClassifier(arch="mlp", hidden=16, lr=0.05),
+                                             DataLoader(train, batch_size=32), DataLoader(val, batch_size=64))
+    res = load_results(tmp_path / "attrib")
+    assert not (tmp_path / "attrib" / "scores.npy").exists() and res.top_k == 5
+    full = Attributor(LitClassifier(arch="mlp", hidden=16), TRAK(), train, val, tmp_path / "ref", proj_dim=64,
+                      shard_size=50).run(capture.snapshots)
+    scores = np.asarray(full.scores)
+    for q in (0, 7, 29):
+        ids, vals = res.top_proponents(query=q, k=5)
+        np.testing.assert_allclose(vals, np.sort(scores[:, q])[::-1][:5], rtol=1e-5)
+    with pytest.raises(ValueError, match="full score matrix"):
+        AttributionCallback(top_k=5, leakage=True)
+
+
 class DictDigits(Dataset):
     def __init__(self, base):
         self.base = base

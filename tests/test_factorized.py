@@ -1,15 +1,13 @@
 """Kronecker-factorized projection (issue #8): exactness against explicit P_out (x) P_in, seeds, plan, pipeline."""
 import json
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from lightning_attrib.callbacks.gradient_capture import GradientCapture
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, StoreMismatchError
 from lightning_attrib.core.factorized import FactorizedProjector, derived_seed, plan_layer, water_fill
 from lightning_attrib.core.gradients import PerExampleGradients
@@ -178,51 +176,3 @@ def test_attributor_factorized_agrees_with_dense(tmp_path):
     # the store remembers the projector: reusing the dense out_dir with the factorized projector is refused
     with pytest.raises(StoreMismatchError, match="projector"):
         Attributor(model, TRAK(), train, query, tmp_path / "dense", projector="factorized", **kw).run()
-
-
-# -- GradientCapture: in-training capture ----------------------------------------------------------
-class _LitMLP(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(inplace=True), nn.Linear(16, 10))
-        self.norm = nn.LayerNorm(64)  # not capturable: left out with params=None
-        self.before = []  # weights at the start of every training batch
-
-    def forward(self, x):
-        return self.net(self.norm(x))
-
-    def on_train_batch_start(self, batch, batch_idx):
-        self.before.append({k: v.detach().clone() for k, v in self.state_dict().items()})
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-def test_gradient_capture_equals_post_hoc_features(tmp_path):
-    x, y = load_digits_tensors()
-    data = TensorDataset(x[:96], y[:96])
-    torch.manual_seed(0)
-    model = _LitMLP()
-    cap = GradientCapture(proj_dim=150, seed=4)
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, callbacks=[cap], logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-              accumulate_grad_batches=2).fit(model, DataLoader(data, batch_size=32))
-    assert cap.skipped_params == ["norm.weight", "norm.bias"]
-    assert [r["batch_idx"] for r in cap.records] == [0, 1, 2] and [r["step"] for r in cap.records] == [0, 0, 1]
-    assert all(r["lr"] == 0.5 for r in cap.records)
-    # post hoc, at the weights each batch was trained at: the same features (loss gradients, same matrices)
-    post = _LitMLP()
-    loss = resolve_output("loss")
-    moved = 0.0
-    for rec, weights in zip(cap.records, model.before):
-        post.load_state_dict(weights)
-        i = rec["batch_idx"] * 32
-        ref = FactorizedProjector(post, loss, cap.param_names, proj_dim=150, seed=4).features((x[i:i + 32], y[i:i + 32]))
-        assert rec["features"].shape == (32, 150)
-        torch.testing.assert_close(rec["features"], ref, rtol=1e-4, atol=1e-6)
-        moved += float((weights["net.0.weight"] - model.before[0]["net.0.weight"]).abs().sum())
-    assert moved > 0  # the weights did change between steps 0 and 1: the features are per-step

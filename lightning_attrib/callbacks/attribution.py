@@ -47,6 +47,9 @@ class AttributionCallback(Callback):
         log_images: build W&B tables with images.
         leakage: also rank suspected train-test duplicate pairs (`analysis.detect_leakage`): `leakage.json` in
             `out_dir`, the flag count as a scalar and, on W&B, a table with both images side by side.
+        top_k: keep only each query's k strongest proponents and opponents (`topk_*.npy`) instead of the full
+            n_train x n_query score matrix, which is then never built (large training sets); not with `leakage`,
+            which needs the full matrix.
 
     Only global rank 0 writes result files and logs; every rank takes part in featurization and scoring.
     """
@@ -57,7 +60,8 @@ class AttributionCallback(Callback):
                  params: Sequence[str] | Callable | None = None, projector: str = "tensorsketch", seed: int = 0,
                  batch_size: int = 64, shard_size: int = 512, mislabeled: Sequence[bool] | np.ndarray | None = None,
                  num_suspects: int = 50, num_gallery_queries: int = 8, gallery_k: int = 5,
-                 to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False):
+                 to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False,
+                 top_k: int | None = None):
         super().__init__()
         if isinstance(method, str):
             make_method(method, **(method_kwargs or {}))  # validates name and arguments now, not after training
@@ -75,6 +79,12 @@ class AttributionCallback(Callback):
         for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("num_suspects", num_suspects)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer or None (full score matrix), got {top_k!r}")
+        if top_k is not None and leakage:
+            raise ValueError("leakage=True needs the full score matrix: pass top_k=None, or run "
+                             "`lightning-attrib leakage` on a full result later")
+        self.top_k = top_k
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
         self.proj_dim, self.out_dir = proj_dim, Path(out_dir)
         self.train_dataset, self.query_dataset = train_dataset, query_dataset
@@ -110,7 +120,7 @@ class AttributionCallback(Callback):
         attributor = Attributor(
             pl_module, method, train_ds, query_ds, self.out_dir, proj_dim=self.proj_dim, projector=self.projector,
             seed=self.seed, params=self.params, output_fn=self.output_fn, batch_size=self.batch_size,
-            shard_size=self.shard_size, collate_fn=collate, dist=dist, progress=progress,
+            shard_size=self.shard_size, collate_fn=collate, dist=dist, progress=progress, top_k=self.top_k,
         )
         try:
             self.result = attributor.run(snapshots)
