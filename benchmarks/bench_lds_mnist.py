@@ -112,6 +112,7 @@ METHOD_SPECS = {
     # non-convex models: the Hessian can be indefinite; CG on the Gauss-Newton matrix is always well posed
     "influence/cg-ggn": ("influence", {"solver": "cg", "matrix": "ggn"}, "identity", None, 1, False),
     "influence/lissa": ("influence", {"solver": "lissa"}, "identity", None, 1, False),
+    "influence/lissa-ggn": ("influence", {"solver": "lissa", "matrix": "ggn"}, "identity", None, 1, False),
     "influence/ekfac": ("influence", {"solver": "ekfac"}, "identity", None, 1, False),
     "influence/projected": ("influence", {"solver": "projected"}, "rademacher", 2048, 1, False),
     "tracin": ("tracin", {}, "rademacher", 2048, 1, True),
@@ -121,7 +122,7 @@ METHOD_SPECS = {
 
 
 # n_train iterative solves each; LDS needs only the query columns, so these skip self-influence here.
-NO_SELF_INFLUENCE = {"influence/cg", "influence/cg-ggn", "influence/lissa"}
+NO_SELF_INFLUENCE = {"influence/cg", "influence/cg-ggn", "influence/lissa", "influence/lissa-ggn"}
 
 
 def main():

@@ -42,14 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_scoring import rss_mb  # noqa: E402  (current RSS from /proc, shared with the scoring benchmark)
 
 
 def peak_mb() -> float:
