@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from lightning_attrib import CheckpointCapture, attribute, load_results, snapshots_from
+from lightning_attrib import CheckpointCapture, attribute, load_results
 from lightning_attrib.data import DigitsDataModule
 from lightning_attrib.models import LitClassifier
 

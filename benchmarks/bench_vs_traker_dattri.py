@@ -51,7 +51,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # traker/dattri progress bars
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))

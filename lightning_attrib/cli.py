@@ -36,7 +36,6 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
-    import numpy as np
 
     res = attribution.result
     damping = res.manifest.get("damping")

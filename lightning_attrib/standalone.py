@@ -6,7 +6,7 @@ ranks (`strategy="ddp"` re-runs the calling script, `"ddp_spawn"` spawns); resul
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

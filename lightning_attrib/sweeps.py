@@ -7,7 +7,6 @@ truth store and an attribution result into LDS (and datamodels).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

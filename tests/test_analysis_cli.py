@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -59,7 +58,6 @@ def test_modeldiff_cli_writes_numbers_and_wandb_tables(recipes, tmp_path, wandb_
 def test_modeldiff_cli_refuses_mismatched_results(recipes, tmp_path):
     root, _, _ = recipes
     from lightning_attrib.core import TRAK, Attributor
-    from torch.utils.data import TensorDataset
 
     dm = DigitsDataModule(n_train=N_TRAIN - 10, n_val=N_VAL)
     Attributor(LitClassifier(arch="mlp", hidden=32), TRAK(), dm.train_set, dm.val_set, tmp_path / "c", proj_dim=16).run()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot, StoreMismatchError
 from lightning_attrib.core import gradients as gradients_mod

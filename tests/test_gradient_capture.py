@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attrib.callbacks import CheckpointCapture
-from lightning_attrib.callbacks.gradient_capture import (GradientCapture, capture_projector, load_capture_settings,
-                                                         read_capture, tracin_from_capture)
+from lightning_attrib.callbacks.gradient_capture import GradientCapture
+from lightning_attrib.core.capture import capture_projector, load_capture_settings, read_capture, tracin_from_capture
 from lightning_attrib.core.factorized import FactorizedProjector
 from lightning_attrib.core.outputs import resolve_output
 from lightning_attrib.data import load_digits_tensors

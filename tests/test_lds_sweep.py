@@ -3,7 +3,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr

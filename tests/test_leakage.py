@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.testing import train_mlp

@@ -9,7 +9,6 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader
 
 from lightning_attrib import AttributionCallback, CheckpointCapture
 from lightning_attrib.data import DigitsDataModule

@@ -3,7 +3,6 @@ matrix, seeds, Gram fidelity against dense and Kronecker projections, and leave-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib import load_results
 from lightning_attrib.core import TRAK, Attributor, Snapshot
-from lightning_attrib.core.pipeline import RunningTopK
+from lightning_attrib.core.scoring import RunningTopK
 from lightning_attrib.core.results import TOPK_FILES, FullScoresUnavailable
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_run.py"

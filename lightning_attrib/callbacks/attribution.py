@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from ..core.batches import BatchFormatError, unpack_batch
 from ..core.methods import FeatureMethod, make_method
 from ..core.outputs import OutputFunction
-from ..core.pipeline import Attributor, Snapshot
+from ..core.pipeline import Attributor
 from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist

@@ -29,15 +29,9 @@ writer thread's expansion and file writes (8 KB per example at proj_dim=2048): +
 a 2.5 ms MLP step at batch 64, +9% on a 14 ms one (`benchmarks/RESULTS.md`, Capture overhead);
 `every_n_steps=n` pays it on every n-th step only (+4% at n=4).
 
-On-disk format (`out_dir`), streamed in chunks of `chunk_size` rows while training runs:
-    capture.json                          rank 0: projector layout (+ hash), parameter names, settings
-    rank-RRRRR/chunk-IIIIII.npy           (m, proj_dim) float32 features, rows in capture order
-    rank-RRRRR/chunk-IIIIII.meta.npz      per row: step, epoch, batch_idx (int64), lr (float64, NaN if
-                                          unknown), ids (int64, -1 without `ids_fn`); written last, so its
-                                          presence means the chunk is complete
-Every rank writes only its own `rank-RRRRR` folder. `read_capture` iterates the chunks, `capture_projector`
-rebuilds the projector with the same matrices, and `tracin_from_capture` turns a capture into in-run TracIn
-scores:
+On-disk format (`out_dir`): see `core/capture.py` (chunk files per rank, streamed while training runs).
+`core.capture.read_capture` iterates the chunks, `capture_projector` rebuilds the projector with the same
+matrices, and `tracin_from_capture` turns a capture into in-run TracIn scores:
 
     cap = GradientCapture(out_dir="capture", every_n_steps=n, ids_fn=lambda batch: batch[2])  # dataset ids
     snaps = CheckpointCapture(dirpath="snaps", every_n_steps=n)   # the weights each captured step trained at
@@ -60,12 +54,10 @@ both calls' terms, as its gradient does; a captured step must run one backward (
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -77,12 +69,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from ..core.capture import FORMAT_VERSION, META_FIELDS, chunk_features_path, read_capture, runs, write_chunk
 from ..core.factorized import ALLOCATIONS, FactorizedProjector, LayerPlan
 from ..core.gradients import select_parameters
-from ..core.outputs import OutputFunction, resolve_output
-
-FORMAT_VERSION = 1
-_META = (("step", np.int64), ("epoch", np.int64), ("batch_idx", np.int64), ("lr", np.float64), ("ids", np.int64))
 
 
 class _NullContext:
@@ -138,7 +127,7 @@ class _Chunk:
             if fac and lay.plan.in_identity and lay.plan.has_bias:
                 self.a[-1][:, -1] = 1.0   # the bias's input column of ones (the scale sits on the out side)
         self.factored = np.zeros((len(layers), cap), dtype=bool)
-        self.meta = {k: np.empty(cap, dtype=t) for k, t in _META if k != "ids"}
+        self.meta = {k: np.empty(cap, dtype=t) for k, t in META_FIELDS if k != "ids"}
         self.ids = torch.full((cap,), -1, dtype=torch.int64, device=device)  # on the device: no per-step sync
         self.future: Future | None = None
 
@@ -148,7 +137,7 @@ class _Chunk:
         for lay in layers:
             if self.a[lay.index] is None:
                 continue
-            for lo, hi in _runs(self.factored[lay.index, :rows]):
+            for lo, hi in runs(self.factored[lay.index, :rows]):
                 if self.factored[lay.index, lo]:
                     lay.expand(self.features[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
         if release:  # kept in memory: the factors are not needed any more
@@ -327,7 +316,7 @@ class GradientCapture(Callback):
                 with np.load(path) as meta:
                     stale = len(meta["step"]) and int(meta["step"].max()) >= self._resume_step
                 if stale:
-                    _chunk_features_path(path).unlink(missing_ok=True)
+                    chunk_features_path(path).unlink(missing_ok=True)
                     path.unlink()
         for tmp in self.rank_dir.glob("*.tmp*"):
             tmp.unlink()
@@ -636,7 +625,7 @@ class GradientCapture(Callback):
         host.copy_(feats, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._host_futures[cur] = self._writer.submit(_write_chunk, self.rank_dir, index, host, meta, event)
+        self._host_futures[cur] = self._writer.submit(write_chunk, self.rank_dir, index, host, meta, event)
         self._cur = cur ^ 1
         self._spare = ch   # later kernels on the same stream run after the copy: safe to refill
 
@@ -674,7 +663,7 @@ class GradientCapture(Callback):
                       if self.rank_dir is not None and c["rank_dir"] == self.rank_dir.name]
         out = []
         for feats, meta in chunks:
-            for lo, hi in _runs(meta["step"], meta["batch_idx"], meta["epoch"]):
+            for lo, hi in runs(meta["step"], meta["batch_idx"], meta["epoch"]):
                 ids = meta["ids"][lo:hi]
                 lr = float(meta["lr"][lo])
                 out.append({"step": int(meta["step"][lo]), "epoch": int(meta["epoch"][lo]),
@@ -684,164 +673,6 @@ class GradientCapture(Callback):
         return out
 
 
-# -- the on-disk format ---------------------------------------------------------------------------------
-def _chunk_features_path(meta_path: Path) -> Path:
-    return meta_path.with_name(meta_path.name[:-len(".meta.npz")] + ".npy")
-
-
-def _write_chunk(rank_dir: Path, index: int, features: torch.Tensor, meta: dict, event: Any) -> None:
-    """Writer thread: features first, then the metadata (whose presence marks the chunk complete)."""
-    if event is not None:
-        event.synchronize()
-    name = f"chunk-{index:06d}"
-    tmp = rank_dir / f"{name}.npy.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, features.numpy())
-    os.replace(tmp, rank_dir / f"{name}.npy")
-    tmp = rank_dir / f"{name}.meta.npz.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **meta)
-    os.replace(tmp, rank_dir / f"{name}.meta.npz")
-
-
 def _expand_and_write(chunk: _Chunk, layers: list[_Layer], rank_dir: Path, index: int, meta: dict) -> None:
     """Writer thread, CPU: expand the factored rows, then write the chunk."""
-    _write_chunk(rank_dir, index, chunk.expand(layers), meta, None)
-
-
-def _runs(*keys: np.ndarray) -> Iterator[tuple[int, int]]:
-    """[lo, hi) ranges of consecutive rows where every key is constant."""
-    n = len(keys[0])
-    if not n:
-        return
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for k in keys:
-        change[1:] |= k[1:] != k[:-1]
-    starts = np.flatnonzero(change)
-    yield from zip(starts.tolist(), [*starts[1:].tolist(), n])
-
-
-def load_capture_settings(capture_dir: str | os.PathLike) -> dict:
-    """The `capture.json` of a `GradientCapture(out_dir=capture_dir)` run."""
-    path = Path(capture_dir) / "capture.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass the out_dir of a GradientCapture(out_dir=...) run")
-    return json.loads(path.read_text())
-
-
-def _chunk_metas(capture_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The complete chunks' per-row metadata, rank by rank in capture order, with the features' `path`."""
-    root = Path(capture_dir)
-    load_capture_settings(root)
-    out = []
-    for rank_dir in sorted(p for p in root.glob("rank-*") if p.is_dir()):
-        for meta_path in sorted(rank_dir.glob("chunk-*.meta.npz")):
-            with np.load(meta_path) as m:
-                item = {k: m[k] for k in m.files}
-            item.update(path=_chunk_features_path(meta_path), rank_dir=rank_dir.name, index=int(meta_path.name[6:12]))
-            out.append(item)
-    return out
-
-
-def read_capture(capture_dir: str | os.PathLike, mmap: bool = True) -> Iterator[dict[str, Any]]:
-    """Iterate the complete chunks of a capture, rank by rank, in capture order.
-
-    Each item: rank_dir, index, path, features ((m, proj_dim) float32, memory-mapped by default), and the
-    per-row step, epoch, batch_idx, lr, ids arrays.
-    """
-    for item in _chunk_metas(capture_dir):
-        item["features"] = np.load(item["path"], mmap_mode="r" if mmap else None)
-        yield item
-
-
-def capture_projector(capture_dir: str | os.PathLike, module: nn.Module,
-                      output: str | OutputFunction | Callable = "loss") -> FactorizedProjector:
-    """A `FactorizedProjector` on `module` with the capture's matrices, for query features at any weights.
-
-    `module` must be the LightningModule class that was trained (the layer names seed the matrices); the
-    layout is checked against the capture's.
-    """
-    s = load_capture_settings(capture_dir)
-    lay = s["layout"]
-    proj = FactorizedProjector(module, resolve_output(output), s["param_names"], proj_dim=lay["requested_dim"],
-                               seed=lay["seed"], allocation=lay["allocation"], kind=lay["kind"])
-    if proj.layout_hash != s["layout_hash"]:
-        raise ValueError(f"capture_projector: this module's factorized layout differs from the capture's in {capture_dir} "
-                         "(another model class or layer sizes?)")
-    return proj
-
-
-@dataclass
-class CapturedTracIn:
-    """In-run TracIn from a capture: `scores[i, q]`, `self_influence[i]` over the captured steps of example i.
-
-    `counts[i]` is how many captured rows example i had (0: never captured); `steps` the steps scored,
-    `skipped_steps` those whose query features were None.
-    """
-
-    scores: np.ndarray
-    self_influence: np.ndarray
-    counts: np.ndarray
-    steps: list[int] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)
-
-
-def tracin_from_capture(capture_dir: str | os.PathLike, query_features_fn: Callable[[int], torch.Tensor | None],
-                        n_train: int | None = None) -> CapturedTracIn:
-    """In-run TracIn: score[i, q] = sum over captured steps t with i in the batch of lr_t * phi_t(z_i) . psi_t(z_q).
-
-    phi_t(z_i) is the captured projected loss gradient of training example i at step t's weights, psi_t(z_q)
-    = `query_features_fn(t)`: the (Q, proj_dim) projected loss gradients of the queries at the weights step t
-    trained at (e.g. `capture_projector(...).features(query_batch)` after loading those weights), or None to
-    skip the step. It is called once per captured step, in increasing step order; features are read step by
-    step from memory-mapped chunks (never the whole capture at once). Rows need dataset ids (`ids_fn`).
-    Self-influence sums lr_t ||phi_t(z_i)||^2 over every captured step (it needs no query). As TracIn-CP in
-    `core.methods.TracIn`, the 1/B of a mean-reduced loss is left out (a constant factor for a fixed batch size).
-    """
-    settings = load_capture_settings(capture_dir)
-    k = int(settings["proj_dim"])
-    chunks = _chunk_metas(capture_dir)
-    if any((c["ids"] < 0).any() for c in chunks):
-        raise ValueError("tracin_from_capture needs dataset ids for every row: capture with "
-                         "GradientCapture(ids_fn=lambda batch: <Tensor[B] of dataset indices>)")
-    if n_train is None:
-        n_train = 1 + max((int(c["ids"].max()) for c in chunks if len(c["ids"])), default=-1)
-    segments = sorted(((int(c["step"][lo]), ci, lo, hi) for ci, c in enumerate(chunks)
-                       for lo, hi in _runs(c["step"])), key=lambda s: (s[0], s[1]))
-    self_inf = torch.zeros(n_train, dtype=torch.float64)
-    counts = torch.zeros(n_train, dtype=torch.int64)
-    scores: torch.Tensor | None = None
-    steps, skipped = [], []
-    for step, group in itertools.groupby(segments, key=lambda s: s[0]):
-        q = query_features_fn(step)
-        if q is not None:
-            q = torch.as_tensor(q).detach().to("cpu", torch.float64)
-            if q.dim() != 2 or q.shape[1] != k:
-                raise ValueError(f"query_features_fn({step}) must return (Q, {k}) features, got {tuple(q.shape)}")
-            if scores is None:
-                scores = torch.zeros(n_train, q.shape[0], dtype=torch.float64)
-            steps.append(step)
-        else:
-            skipped.append(step)
-        for _, ci, lo, hi in group:
-            c = chunks[ci]
-            lr = torch.from_numpy(c["lr"][lo:hi].astype(np.float64))
-            if torch.isnan(lr).any():
-                raise ValueError(f"tracin_from_capture: step {step} has no learning rate recorded (no optimizer?)")
-            ids = torch.from_numpy(c["ids"][lo:hi].astype(np.int64))
-            if int(ids.max()) >= n_train:
-                raise ValueError(f"tracin_from_capture: id {int(ids.max())} >= n_train={n_train}")
-            if "features" not in c:
-                c["features"] = np.load(c["path"], mmap_mode="r")
-            phi = torch.from_numpy(np.asarray(c["features"][lo:hi], dtype=np.float64))
-            self_inf.index_add_(0, ids, lr * (phi * phi).sum(1))
-            counts.index_add_(0, ids, torch.ones_like(ids))
-            if q is not None:
-                scores.index_add_(0, ids, (phi @ q.T) * lr[:, None])
-        for c in chunks:  # chunks that end at or before this step are not read again: let their maps go
-            if "features" in c and int(c["step"].max()) <= step:
-                del c["features"]
-    if scores is None:
-        scores = torch.zeros(n_train, 0, dtype=torch.float64)
-    return CapturedTracIn(scores.numpy(), self_inf.numpy(), counts.numpy(), steps, skipped)
+    write_chunk(rank_dir, index, chunk.expand(layers), meta, None)

@@ -309,21 +309,16 @@ class FactorizedProjector:
     # -- factor matrices -----------------------------------------------------------------------------
     def factor(self, layer: LayerPlan, side: str, dtype: torch.dtype = torch.float32,
                device: torch.device | None = None) -> torch.Tensor | None:
-        """P_in (d_in x k_in) or P_out (d_out x k_out) of `layer`; None for an identity side.
-
-        For a tensor-sketched layer this is the count sketch as a (d x s) matrix with one +-1 per row.
-        """
+        """P_in (d_in x k_in) or P_out (d_out x k_out) of a Kronecker `layer`; None for an identity side.
+        (A tensor-sketched layer has count sketches instead: `count_sketch`.)"""
+        if layer.tensor_sketch:
+            raise ValueError(f"layer {layer.name!r} is tensor-sketched: it has count sketches, not factor matrices")
         device = self.device if device is None else device
         key = (layer.name, side, dtype, device)
         if key not in self._mats:
             d, k, ident = ((layer.d_in, layer.k_in, layer.in_identity) if side == "in"
                            else (layer.d_out, layer.k_out, layer.out_identity))
-            if layer.tensor_sketch:
-                buckets, signs = self.count_sketch(layer, side)
-                mat = torch.zeros(d, k, dtype=dtype)
-                mat[torch.arange(d), buckets] = signs.to(dtype)
-                self._mats[key] = mat.to(device)
-            elif ident:
+            if ident:
                 self._mats[key] = None
             else:
                 mat = RandomProjector(d, k, self.kind, seed=derived_seed(self.seed, layer.name, side)).matrix()
@@ -340,13 +335,10 @@ class FactorizedProjector:
 
     def layer_matrix(self, layer: LayerPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The explicit (d_out * d_in, dim) matrix of a layer on the row-major flattened G (tests, tiny layers)."""
-        if layer.tensor_sketch:  # count sketch of vec(G): bucket (h_out + h_in) mod s, sign s_out * s_in
-            h_out, s_out = self.count_sketch(layer, "out")
-            h_in, s_in = self.count_sketch(layer, "in")
-            rows = torch.arange(layer.numel)
-            cols = ((h_out[:, None] + h_in[None, :]) % layer.dim).reshape(-1)
+        if layer.tensor_sketch:  # count sketch of vec(G) with the pair hash
+            buckets, signs = self._pair_hash(layer, dtype, self.device)
             mat = torch.zeros(layer.numel, layer.dim, dtype=dtype, device=self.device)
-            mat[rows, cols] = (s_out[:, None] * s_in[None, :]).reshape(-1).to(dtype)
+            mat[torch.arange(layer.numel, device=self.device), buckets] = signs
             return mat
         p_out = self.factor(layer, "out", dtype)
         p_in = self.factor(layer, "in", dtype)
@@ -371,19 +363,12 @@ class FactorizedProjector:
             self.module.train(was_training)
         return feats.float()
 
-    def add_hooks(self, records: list[list], grad_hooks: bool = False) -> list:
-        """Forward hooks on every factorized layer; each call appends `[layer, P_in^T a, output, delta]` to `records`.
-
-        With `grad_hooks`, a tensor hook on the output fills `delta` during whatever backward follows (the
-        in-training `GradientCapture` path); otherwise `delta` stays None for `torch.autograd.grad` to fill.
-        Returns the handles: call `.remove()` on each when done.
-        """
+    def _add_hooks(self, records: list[list]) -> list:
+        """Forward hooks on every factorized layer; each call appends `[layer, projected input, output, None]` to
+        `records` (`_factorized` fills the last slot, delta, from `torch.autograd.grad`). Returns the handles."""
         def make_hook(layer: LayerPlan):
             def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-                rec = [layer, self._project_input(layer, mod, inputs[0]), output, None]
-                records.append(rec)
-                if grad_hooks and output.requires_grad:
-                    output.register_hook(lambda g, rec=rec: rec.__setitem__(3, g))
+                records.append([layer, self._project_input(layer, mod, inputs[0]), output, None])
                 # Return a copy so an in-place op downstream (ReLU(inplace=True)) cannot rewrite `output`,
                 # whose gradient we take.
                 return output.clone()
@@ -391,7 +376,7 @@ class FactorizedProjector:
 
         return [self._modules[layer.name].register_forward_hook(make_hook(layer)) for layer in self.layers if layer.dim]
 
-    def combine(self, records: list[list], n: int, device: torch.device | None = None) -> torch.Tensor:
+    def _combine(self, records: list[list], n: int, device: torch.device | None = None) -> torch.Tensor:
         """(n, sum of layer dims) float32 features from filled records (a layer called twice sums its terms).
 
         A layer with no record or no gradient (not on the output's path) gets zeros.
@@ -424,7 +409,7 @@ class FactorizedProjector:
 
     def _factorized(self, batch: Any) -> torch.Tensor:
         records: list[list] = []
-        handles = self.add_hooks(records)
+        handles = self._add_hooks(records)
         try:
             with torch.enable_grad():
                 out = self.output_fn(self.module, batch)
@@ -437,7 +422,7 @@ class FactorizedProjector:
                 h.remove()
         for rec, delta in zip(live, deltas):
             rec[3] = delta
-        return self.combine(live, out.shape[0], out.device)
+        return self._combine(live, out.shape[0], out.device)
 
     def _project_input(self, layer: LayerPlan, mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
         """(B, T, k_in): P_in^T [a_t; 1] for every position t, computed in the forward hook.
@@ -494,8 +479,10 @@ class FactorizedProjector:
 
     def _sketch_side(self, layer: LayerPlan, side: str, x: torch.Tensor) -> torch.Tensor:
         """Count sketch C_side x of (..., d) rows -> (..., s) (a scatter-add, no d x s matrix)."""
-        buckets, signs = self._hash((layer.name, side, "cs", x.dtype, x.device), lambda: tuple(
-            t.to(x.device) for t in (self.count_sketch(layer, side)[0], self.count_sketch(layer, side)[1].to(x.dtype))))
+        def make():
+            buckets, signs = self.count_sketch(layer, side)
+            return buckets.to(x.device), signs.to(x.device, x.dtype)
+        buckets, signs = self._hash((layer.name, side, "cs", x.dtype, x.device), make)
         flat = x.reshape(-1, x.shape[-1])
         out = flat.new_zeros(flat.shape[0], layer.dim).scatter_add_(1, buckets.expand(flat.shape[0], -1), flat * signs)
         return out.reshape(*x.shape[:-1], layer.dim)

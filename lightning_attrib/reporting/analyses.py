@@ -1,7 +1,6 @@
 """W&B tables for the analyses: leakage pairs side by side, and a ModelDiff report per component."""
 from __future__ import annotations
 
-import numpy as np
 
 from .images import example_image
 
