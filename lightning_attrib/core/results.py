@@ -155,6 +155,28 @@ def load_results(out_dir: str | os.PathLike, mmap: bool = True) -> AttributionRe
     )
 
 
+def write_result(out_dir: str | os.PathLike, *, manifest: dict, self_influence: np.ndarray, train_ids: np.ndarray,
+                 query_ids: np.ndarray, scores: np.ndarray | None = None, topk: TopKScores | None = None
+                 ) -> AttributionResult:
+    """The one way a result is written (post-hoc methods, in-run TracIn, ensembles): exactly one of `scores`
+    (n_train, n_query) or `topk`, the arrays, and `manifest` (its `top_k` is set here); returns the loaded result."""
+    if (scores is None) == (topk is None):
+        raise ValueError("write_result needs exactly one of scores= (full matrix) or topk= (top-k arrays)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {**manifest, "top_k": None if topk is None else topk.k}
+    stale = TOPK_FILES if topk is None else ("scores.npy",)  # the other kind's files from an earlier run here
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
+    arrays = {"self_influence.npy": np.asarray(self_influence, dtype=np.float32),
+              "train_ids.npy": np.asarray(train_ids), "query_ids.npy": np.asarray(query_ids)}
+    arrays.update({"scores.npy": np.asarray(scores, dtype=np.float32)} if topk is None else topk.arrays())
+    for name, array in arrays.items():
+        save_array(out_dir / name, array)
+    save_json(out_dir / "manifest.json", manifest)
+    return load_results(out_dir)
+
+
 def save_array(path: Path, array: np.ndarray) -> None:
     """np.save via a temporary name, so a reader never sees half a file."""
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npy")
