@@ -7,6 +7,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot
 from lightning_attrib.core.factorized import FactorizedProjector, derived_seed
+from lightning_attrib.core.sketch import TensorSketchProjector
 from lightning_attrib.core.gradients import PerExampleGradients
 from lightning_attrib.core.outputs import resolve_output
 from lightning_attrib.data import load_digits_tensors
@@ -39,7 +40,7 @@ def _explicit_tensor_features(fp: FactorizedProjector, module, output, batch) ->
 def test_features_equal_explicit_count_sketch(k, path, monkeypatch):
     """Both ways of computing a layer's sketch (FFT of the sides' count sketches, or the per-example gradient
     scattered with the pair hash) equal vec(G) @ the explicit count-sketch matrix."""
-    monkeypatch.setattr(FactorizedProjector, "_via_gradient", staticmethod(lambda layer, positions: path == "gradient"))
+    monkeypatch.setattr(TensorSketchProjector, "_via_gradient", staticmethod(lambda layer, positions: path == "gradient"))
     module, batch = _net_and_batch()  # conv, LayerNorm fallback, a Linear over 3 positions, in-place ReLU, head
     output = resolve_output("margin")
     fp = FactorizedProjector(module, output, proj_dim=k, seed=3, sketch="tensor")

@@ -1,6 +1,7 @@
 """Plain-torch attribution engine (no Lightning import): outputs, gradients, projection, store, methods, pipeline."""
 from .dist import Dist, LocalDist, TorchDist
 from .factorized import FactorizedProjector
+from .sketch import KroneckerProjector, TensorSketchProjector, make_projector
 from .gradients import PerExampleGradients, select_parameters
 from .methods import TRAK, FeatureMethod
 from .outputs import ClassificationMargin, CrossEntropyLoss, OutputFunction, resolve_output
@@ -11,7 +12,7 @@ from .store import FeatureStore, StoreMismatchError
 
 __all__ = [
     "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "Dist", "FeatureMethod",
-    "FactorizedProjector", "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
+    "FactorizedProjector", "KroneckerProjector", "TensorSketchProjector", "make_projector", "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
     "Snapshot",
     "StoreMismatchError", "TRAK", "TorchDist", "load_results", "resolve_output", "select_parameters",
     "weights_fingerprint",

@@ -1,7 +1,14 @@
-"""Per-example gradients of an output function with `torch.func` (vmap over grad), for any nn.Module."""
+"""Per-example gradients with `torch.func` (vmap over grad): the one place they are computed.
+
+`per_example_gradients(fn, params, batch)` is the primitive (used by `PerExampleGradients`, the projectors' fallback
+for layers the layer engine does not hook, and `methods/curvature.ModelFunction`). It runs with the
+`nn.MultiheadAttention` / `TransformerEncoder` fast path off (its nested-tensor kernels have no batching rule), and
+turns vmap's "Batching rule not implemented" into an error that names the fix.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +44,54 @@ def select_parameters(module: nn.Module, params: ParamSelector = None) -> list[s
     return chosen
 
 
+@contextmanager
+def _no_attention_fast_path():
+    """The MHA / TransformerEncoder fast path off (its nested-tensor ops cannot be vmapped), restored on exit."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def per_example_gradients(fn: Callable[[Any, Any], torch.Tensor], params: Any, batch: Any,
+                          what: Callable[[], str] | None = None) -> Any:
+    """Gradients of `fn(params, one_example_batch) -> scalar` w.r.t. `params` (any pytree), for every example of
+    `batch` at once (vmap over the batch dim; each example is passed as a batch of one). `what()` names the
+    parameters for the error message when vmap cannot run the model."""
+    def one(p: Any, example: Any) -> torch.Tensor:
+        ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
+        return fn(p, ex).squeeze(0)
+
+    try:
+        with _no_attention_fast_path():
+            return vmap(grad(one), in_dims=(None, 0))(params, batch)
+    except (RuntimeError, NotImplementedError) as err:
+        text = str(err)
+        if "atching rule" not in text and "vmap" not in text and "functorch" not in text:
+            raise
+        from .layers import SUPPORTED
+        op = text.split("for ")[-1].split(".")[0].strip() if "not implemented for" in text else text.splitlines()[0]
+        who = what() if what is not None else "the model's parameters"
+        raise ValueError(
+            f"per-example gradients of {who} need torch.func.vmap, which cannot run an op of this model ({op}). "
+            f"Exclude those parameters with params=, or use layers the layer engine hooks without vmap: "
+            f"{', '.join(SUPPORTED)}.") from err
+
+
+def _owners(module: nn.Module, names: list[str], limit: int = 5) -> str:
+    """'params [...] of modules [...]' for an error message."""
+    mods = sorted({n.rsplit(".", 1)[0] if "." in n else "<root>" for n in names})
+    types = dict(module.named_modules())
+    shown = [f"{m} ({type(types.get(m, module)).__name__})" for m in mods[:limit]]
+    return f"parameters {names[:limit]} of modules {shown}"
+
+
 class _BoundOutput(nn.Module):
     """Lets `functional_call` swap the weights of `module` while a user output function calls it."""
 
@@ -65,12 +120,6 @@ class PerExampleGradients:
         self.shapes = [tuple(params[n].shape) for n in self.param_names]
         self.num_params = int(sum(params[n].numel() for n in self.param_names))
 
-        def per_example(p: dict, b: dict, example: Any) -> torch.Tensor:
-            one = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
-            return functional_call(self._bound, (p, b), (one,)).squeeze(0)
-
-        self._grad_fn = vmap(grad(per_example), in_dims=(None, None, 0))
-
     def __call__(self, batch: Any) -> torch.Tensor:
         """(B, p) float32 gradients for the examples in `batch` (already on the module's device)."""
         was_training = self.module.training
@@ -79,7 +128,8 @@ class PerExampleGradients:
             params = {f"module.{n}": p.detach() for n, p in self.module.named_parameters() if n in set(self.param_names)}
             buffers = {f"module.{n}": b for n, b in self.module.named_buffers()}
             with torch.no_grad():  # torch.func.grad differentiates inside; no outer graph through unselected params
-                grads = self._grad_fn(params, buffers, batch)
+                grads = per_example_gradients(lambda p, ex: functional_call(self._bound, (p, buffers), (ex,)), params,
+                                              batch, lambda: _owners(self.module, self.param_names))
         finally:
             self.module.train(was_training)
         flat = [grads[f"module.{n}"].reshape(grads[f"module.{n}"].shape[0], -1) for n in self.param_names]

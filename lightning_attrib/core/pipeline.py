@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from .batches import move_to
 from .dist import Dist, LocalDist
-from .factorized import FactorizedProjector
+from .sketch import make_projector
 from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
@@ -220,10 +220,9 @@ class Attributor:
             settings["factorized_layout"] = self._factorized_projector().layout_hash
         return settings
 
-    def _factorized_projector(self, seed: int | None = None) -> FactorizedProjector:
-        return FactorizedProjector(self.module, self.output, self.param_names, self.proj_dim,
-                                   self.seed if seed is None else seed, device=self.dist.device,
-                                   sketch=FACTORIZED_KINDS[self.projector_kind])
+    def _factorized_projector(self, seed: int | None = None):
+        return make_projector(self.projector_kind, self.module, self.output, self.param_names, self.proj_dim,
+                              self.seed if seed is None else seed, device=self.dist.device)
 
     def _open_store(self) -> FeatureStore:
         root = self.out_dir / "features" / self.output.name
@@ -269,7 +268,7 @@ class Attributor:
                     self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
         self.dist.barrier()
 
-    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: PerExampleGradients | FactorizedProjector,
+    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: Callable,
                         projector: RandomProjector | None, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
                             collate_fn=self.collate_fn, num_workers=self.num_workers)

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from ..batches import unpack_batch
+from ..gradients import per_example_gradients
 from ..outputs import CrossEntropyLoss
 
 MATRICES = ("hessian", "ggn", "empirical_fisher")
@@ -104,13 +105,8 @@ class ModelFunction:
 
     def per_example_grads(self, batch: Any) -> torch.Tensor:
         """(B, p) gradients of f(z_i) at the snapshot weights."""
-        batch = cast_batch(batch, self.dtype)
-
-        def one(flat, example):
-            ex = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
-            return self._call(self._out, flat, ex).squeeze(0)
-
-        return vmap(grad(one), in_dims=(None, 0))(self.theta, batch)
+        return per_example_gradients(lambda flat, ex: self._call(self._out, flat, ex), self.theta,
+                                     cast_batch(batch, self.dtype))
 
 
 def decay_vector(param_names: list[str], numels: list[int], weight_decay: float | Mapping[str, float],

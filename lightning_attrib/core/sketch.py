@@ -1,0 +1,441 @@
+"""Projected per-example gradients from layer factors (issue #8, #13): the Kronecker projector and the tensor sketch.
+
+Both are thin users of the layer engine (`core/layers.py`): one batched forward + backward gives, per hooked layer,
+the terms (A_t, D_t) of its per-example gradient G = sum_t D_t A_t^T (d_out x d_in, the bias as an input column of
+ones), and each projector turns them into features without forming G (unless that is cheaper). Parameters the engine
+does not hook ("rest") go through `torch.func` per-example gradients and a dense seeded `RandomProjector`.
+
+Kronecker (`KroneckerProjector`, `projector="factorized"`): vec(P_out^T G P_in) = vec(sum_t (P_out^T D_t)(P_in^T A_t)^T),
+k_out x k_in per layer, the layers' blocks side by side.
+
+    How `proj_dim` is split (recorded in `layout`; the feature dim is exactly `proj_dim` unless that exceeds the number
+    of selected parameters: then every block is kept exact, dim = num params)
+    1. Blocks (each layer, plus one block for the rest) get shares of proj_dim by water-filling: proportional to a
+       weight (`allocation="equal"`: 1 per block, like LoGra's fixed per-layer size; `"params"`: the block's
+       parameter count), capped at the block's parameter count (a block that fits whole is kept exactly).
+    2. A layer with share s takes k_out ~ k_in ~ sqrt(s). If a side is no larger than sqrt(s) it is kept whole
+       (identity, so that side is exact: e.g. the 10 logits of a classifier head) and the other side gets s // d.
+       Otherwise both sides are random and the k_out x k_in grid, chosen just >= s, is truncated to its first s
+       entries (rescaled by sqrt(k_out k_in / s), which keeps E[P P^T] = I).
+    3. The few dims lost by rounding identity-side layers down go to the rest block, else to a layer re-planned
+       with random sides, so the total is exact.
+    Entries are +-1/sqrt(k) (`RandomProjector` conventions). The estimate of <G1, G2> is a product of two JL
+    estimates, so at equal k it is noisier than a dense projection; the tensor sketch is not.
+
+Tensor sketch (`TensorSketchProjector`, `projector="tensorsketch"`, Pham & Pagh 2013): with count sketches C_out
+(bucket h_out(o), sign s_out(o)) and C_in of width s = proj_dim,
+
+    feature = sum_t circular_convolution(C_out D_t, C_in A_t) = irfft(sum_t rfft(C_out D_t) * rfft(C_in A_t))
+
+is exactly the count sketch of vec(G) with bucket (h_out(o) + h_in(i)) mod s and sign s_out(o) s_in(i): unbiased,
+with the variance of a dense projection to s dims. Every layer is sketched to the full width and the sketches (and
+the rest's dense projection) are summed: one count sketch of the whole gradient, no split of proj_dim to tune. Where
+forming G is cheaper (convolutions with few channels, small layers: `_via_gradient`) G is formed and scattered with
+the pair hash instead: the same numbers.
+
+Seeds: every matrix and hash comes from `core.io.derive_seed(seed, layer name, side, ...)`, so features depend on
+(seed, module names and shapes, proj_dim, allocation) only, never on batch size or device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .gradients import PerExampleGradients, select_parameters
+from .io import derive_seed
+from .layers import Layer, LayerEngine, Term
+from .projection import DENSE_KINDS, RandomProjector
+
+ALLOCATIONS = ("equal", "params")
+FACTOR_KINDS = ("rademacher", "gaussian")
+
+
+@dataclass
+class LayerPlan:
+    """How one hooked layer is projected: feature block = vec(P_out^T G P_in)[:dim] * scale (Kronecker), or its
+    count sketch of width dim (tensor sketch)."""
+
+    name: str                 # module name
+    kind: str                 # layer kind (core.layers.KINDS): "linear", "conv2d", "embedding", "norm", "mha", ...
+    param_names: list[str]    # full parameter names, in the layer's G layout order
+    d_out: int
+    d_in: int                 # columns of G (input features, plus 1 when the bias is folded in)
+    has_bias: bool
+    k_out: int = 0
+    k_in: int = 0
+    out_identity: bool = False
+    in_identity: bool = False
+    dim: int = 0
+    scale: float = 1.0
+    tensor_sketch: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.d_out * self.d_in
+
+
+@dataclass
+class _Rest:
+    """Parameters the layer engine does not hook: per-example gradients (torch.func) and a dense projection."""
+
+    param_names: list[str] = field(default_factory=list)
+    numel: int = 0
+    dim: int = 0
+
+
+def plan_layer(d_out: int, d_in: int, share: int, exact: bool) -> tuple[int, bool, int, bool, int]:
+    """(k_out, out_identity, k_in, in_identity, dim) for a d_out x d_in gradient and a share of dims.
+
+    With `exact=False` an identity side may round the dim down to a multiple of it; `exact=True` always
+    returns dim == min(share, d_out * d_in).
+    """
+    cap = d_out * d_in
+    if share <= 0:
+        return 1, False, 1, False, 0
+    if share >= cap:
+        return d_out, True, d_in, True, cap
+    root = math.sqrt(share)
+    if d_out <= root and (not exact or share % d_out == 0):
+        return d_out, True, share // d_out, False, d_out * (share // d_out)
+    if d_in <= root and (not exact or share % d_in == 0):
+        return share // d_in, False, d_in, True, d_in * (share // d_in)
+    k_out = min(d_out, max(1, round(root)))
+    k_in = min(d_in, math.ceil(share / k_out))
+    k_out = min(d_out, math.ceil(share / k_in))
+    return k_out, False, k_in, False, share
+
+
+def water_fill(total: int, caps: list[int], weights: list[float]) -> list[int]:
+    """Integer shares summing to min(total, sum(caps)): proportional to weights, each capped at its cap."""
+    n = len(caps)
+    alloc = [0.0] * n
+    active = [i for i in range(n) if caps[i] > 0]
+    remaining = float(min(total, sum(caps)))
+    while active:
+        wsum = sum(weights[i] for i in active)
+        full = [i for i in active if remaining * weights[i] / wsum >= caps[i]]
+        if not full:
+            for i in active:
+                alloc[i] = remaining * weights[i] / wsum
+            break
+        for i in full:
+            alloc[i] = caps[i]
+            remaining -= caps[i]
+        active = [i for i in active if i not in full]
+    ints = [min(caps[i], int(math.floor(alloc[i] + 1e-9))) for i in range(n)]
+    short = int(min(total, sum(caps))) - sum(ints)
+    order = sorted(range(n), key=lambda i: -(alloc[i] - math.floor(alloc[i] + 1e-9)))
+    for i in order:
+        if short <= 0:
+            break
+        if ints[i] < caps[i]:
+            ints[i] += 1
+            short -= 1
+    return ints
+
+
+class HookedProjector:
+    """Shared part of the hook-based projectors: layer engine, rest (dense fallback), layout, `features(batch)`.
+
+    Subclasses plan `self.layers` (`_plan`) and turn one layer's terms into its feature block (`_combine`).
+    """
+
+    sketch = "?"
+    summed = False   # True: all blocks share the same proj_dim columns (tensor sketch); False: side by side
+
+    def __init__(self, module: nn.Module, output_fn: Callable | None, param_names: Iterable[str] | None = None,
+                 proj_dim: int = 2048, seed: int = 0, device: str | torch.device | None = None,
+                 accept: Callable[[Layer], bool] | None = None, kind: str = "rademacher"):
+        if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
+            raise ValueError(f"proj_dim must be a positive integer (e.g. 2048), got {proj_dim!r}")
+        if kind not in FACTOR_KINDS:
+            raise ValueError(f"kind must be one of {FACTOR_KINDS}, got {kind!r}")
+        self.module, self.output_fn, self.kind = module, output_fn, kind
+        self.param_names = list(param_names) if param_names is not None else select_parameters(module)
+        self.requested_dim, self.seed = proj_dim, int(seed)
+        if device is None:
+            first = next(module.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        self.device = torch.device(device)
+        self.engine = LayerEngine(module, self.param_names, accept)
+        self.layers = [LayerPlan(la.name, la.kind, list(la.param_names), la.d_out, la.d_in, la.has_bias)
+                       for la in self.engine.layers]
+        params = dict(module.named_parameters())
+        self.fallback = _Rest(list(self.engine.rest), int(sum(params[n].numel() for n in self.engine.rest)))
+        self._plan()
+        self.num_params = sum(layer.numel for layer in self.layers) + self.fallback.numel
+        self._mats: dict[tuple, Any] = {}
+        self._fallback_grads: PerExampleGradients | None = None
+        self._fallback_proj: RandomProjector | None = None
+
+    def _plan(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def layout(self) -> dict:
+        """Everything the features depend on besides the weights: JSON-able, recorded in store settings."""
+        return {"projector": "factorized", "proj_dim": self.proj_dim, "requested_dim": self.requested_dim,
+                "seed": self.seed, "allocation": getattr(self, "allocation", "equal"), "kind": self.kind,
+                "sketch": self.sketch, "layers": [asdict(layer) for layer in self.layers],
+                "fallback": {"params": self.fallback.param_names, "numel": self.fallback.numel,
+                             "dim": self.fallback.dim}}
+
+    @property
+    def layout_hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.layout, sort_keys=True).encode()).hexdigest()
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        return self.features(batch)
+
+    def features(self, batch: Any) -> torch.Tensor:
+        """(B, proj_dim) float32 projected per-example gradients of `output_fn` for `batch` (on the module's device)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            feats = self._hooked(batch) if any(layer.dim for layer in self.layers) else None
+            if self.fallback.dim:
+                dense = self._dense_fallback(batch)
+                feats = dense if feats is None else (feats + dense if self.summed else torch.cat([feats, dense], dim=1))
+        finally:
+            self.module.train(was_training)
+        return feats.float()
+
+    def _hooked(self, batch: Any) -> torch.Tensor:
+        out, records = self.engine.run(self.output_fn, batch)
+        plans = {layer.name: layer for layer in self.layers}
+        width = self.proj_dim if self.summed else sum(layer.dim for layer in self.layers)
+        feats = torch.zeros(out.shape[0], width, device=out.device, dtype=torch.float32)
+        offsets, lo = {}, 0
+        for layer in self.layers:
+            offsets[layer.name] = lo
+            lo += 0 if self.summed else layer.dim
+        self._combine(feats, [(plans[la.name], terms) for la, terms in records if plans[la.name].dim], offsets)
+        return feats
+
+    def _combine(self, feats: torch.Tensor, records: list[tuple[LayerPlan, list[Term]]], offsets: dict) -> None:
+        raise NotImplementedError
+
+    def _dense_fallback(self, batch: Any) -> torch.Tensor:
+        if self._fallback_grads is None:
+            self._fallback_grads = PerExampleGradients(self.module, self.output_fn, self.fallback.param_names)
+            exact = self.fallback.dim >= self.fallback.numel and not self.summed
+            self._fallback_proj = RandomProjector(self.fallback.numel, self.fallback.dim,
+                                                  "identity" if exact else self.kind,
+                                                  seed=derive_seed(self.seed, "fallback"), device=self.device)
+        return self._fallback_proj(self._fallback_grads(batch))
+
+    def _cached(self, key: tuple, make: Callable[[], Any]) -> Any:
+        if key not in self._mats:
+            self._mats[key] = make()
+        return self._mats[key]
+
+
+class KroneckerProjector(HookedProjector):
+    """Features vec(P_out^T G P_in) per layer, side by side (see the module docstring for the plan of proj_dim).
+
+    Args: module, output_fn, param_names (default: all trainable), proj_dim, seed; allocation "equal" | "params";
+    kind "rademacher" | "gaussian" (factor entries); device (default: the parameters'); accept: veto of layers.
+    """
+
+    sketch = "kronecker"
+    summed = False
+
+    def __init__(self, module, output_fn, param_names=None, proj_dim: int = 2048, seed: int = 0,
+                 allocation: str = "equal", kind: str = "rademacher", device=None, accept=None):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
+        super().__init__(module, output_fn, param_names, proj_dim, seed, device, accept, kind)
+
+    def _plan(self) -> None:
+        blocks: list[Any] = list(self.layers) + ([self.fallback] if self.fallback.numel else [])
+        caps = [b.numel for b in blocks]
+        weights = [1.0 if self.allocation == "equal" else float(b.numel) for b in blocks]
+        shares = water_fill(self.requested_dim, caps, weights)
+        deficit = 0
+        for layer, share in zip(self.layers, shares):
+            layer.k_out, layer.out_identity, layer.k_in, layer.in_identity, layer.dim = plan_layer(
+                layer.d_out, layer.d_in, share, exact=False)
+            deficit += share - layer.dim
+        if self.fallback.numel:
+            self.fallback.dim = shares[-1]
+            take = min(deficit, self.fallback.numel - self.fallback.dim)
+            self.fallback.dim += take
+            deficit -= take
+        for layer in sorted(self.layers, key=lambda la: la.out_identity or la.in_identity):
+            if deficit <= 0:
+                break
+            before = layer.dim
+            layer.k_out, layer.out_identity, layer.k_in, layer.in_identity, layer.dim = plan_layer(
+                layer.d_out, layer.d_in, min(layer.numel, before + deficit), exact=True)
+            deficit -= layer.dim - before
+        for layer in self.layers:
+            layer.scale = math.sqrt(layer.k_out * layer.k_in / layer.dim) if layer.dim else 1.0
+        self.proj_dim = sum(layer.dim for layer in self.layers) + self.fallback.dim
+
+    def factor(self, layer: LayerPlan, side: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> torch.Tensor | None:
+        """P_in (d_in x k_in) or P_out (d_out x k_out) of `layer`; None for an identity side."""
+        device = self.device if device is None else device
+
+        def make():
+            d, k, ident = ((layer.d_in, layer.k_in, layer.in_identity) if side == "in"
+                           else (layer.d_out, layer.k_out, layer.out_identity))
+            if ident:
+                return None
+            mat = RandomProjector(d, k, self.kind, seed=derive_seed(self.seed, layer.name, side)).matrix()
+            return mat.to(device, dtype)
+        return self._cached((layer.name, side, dtype, device), make)
+
+    def layer_matrix(self, layer: LayerPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit (d_out * d_in, dim) matrix of a layer on the row-major flattened G (tests, tiny layers)."""
+        p_out = self.factor(layer, "out", dtype)
+        p_in = self.factor(layer, "in", dtype)
+        p_out = torch.eye(layer.d_out, dtype=dtype, device=self.device) if p_out is None else p_out
+        p_in = torch.eye(layer.d_in, dtype=dtype, device=self.device) if p_in is None else p_in
+        return torch.kron(p_out, p_in)[:, :layer.dim] * layer.scale
+
+    def _combine(self, feats, records, offsets):
+        n = feats.shape[0]
+        for layer, terms in records:
+            block = 0
+            for term in terms:
+                dt = term.a.dtype
+                p_out, p_in = self.factor(layer, "out", dt, term.a.device), self.factor(layer, "in", dt, term.a.device)
+                d_proj = (term.out_dense(layer.d_out) if p_out is None else term.out_times(p_out)) * layer.scale
+                a_proj = term.a if p_in is None else term.a @ p_in
+                block = block + torch.einsum("bto,bti->boi", d_proj, a_proj).reshape(n, -1)
+            start = offsets[layer.name]
+            feats[:, start:start + layer.dim] += block[:, :layer.dim]
+
+
+class TensorSketchProjector(HookedProjector):
+    """Features = one count sketch of the whole gradient (see the module docstring): every layer sketched to the full
+    width proj_dim by FFT of its sides' count sketches, plus the rest's dense projection, summed."""
+
+    sketch = "tensor"
+    summed = True
+
+    def __init__(self, module, output_fn, param_names=None, proj_dim: int = 2048, seed: int = 0, device=None,
+                 accept=None, kind: str = "rademacher"):
+        super().__init__(module, output_fn, param_names, proj_dim, seed, device, accept, kind)
+
+    def _plan(self) -> None:
+        k = self.requested_dim
+        for layer in self.layers:
+            layer.k_out = layer.k_in = layer.dim = k
+            layer.tensor_sketch, layer.scale = True, 1.0
+        self.fallback.dim = k if self.fallback.numel else 0
+        self.proj_dim = k
+
+    def count_sketch(self, layer: LayerPlan, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(buckets in [0, s), signs +-1) of a layer's side, from (seed, layer name, side)."""
+        d = layer.d_in if side == "in" else layer.d_out
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, layer.name, side, "tensor"))
+        buckets = torch.randint(0, layer.dim, (d,), generator=gen)
+        signs = torch.randint(0, 2, (d,), generator=gen).float().mul_(2).sub_(1)
+        return buckets, signs
+
+    def _pair_hash(self, layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket (h_out(o) + h_in(i)) mod s and sign s_out(o) s_in(i) of every (o, i), row-major like vec(G)."""
+        def make():
+            h_out, s_out = self.count_sketch(layer, "out")
+            h_in, s_in = self.count_sketch(layer, "in")
+            buckets = ((h_out[:, None] + h_in[None, :]) % layer.dim).reshape(-1)
+            return buckets.to(device), (s_out[:, None] * s_in[None, :]).reshape(-1).to(device, dtype)
+        return self._cached((layer.name, "pairs", dtype, device), make)
+
+    def layer_matrix(self, layer: LayerPlan, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit (d_out * d_in, dim) count-sketch matrix of a layer on the row-major flattened G."""
+        buckets, signs = self._pair_hash(layer, dtype, self.device)
+        mat = torch.zeros(layer.numel, layer.dim, dtype=dtype, device=self.device)
+        mat[torch.arange(layer.numel, device=self.device), buckets] = signs
+        return mat
+
+    def _side(self, layer: LayerPlan, side: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        def make():
+            buckets, signs = self.count_sketch(layer, side)
+            return buckets.to(device), signs.to(device, dtype)
+        return self._cached((layer.name, side, "cs", dtype, device), make)
+
+    def _sketch_rows(self, x: torch.Tensor, buckets: torch.Tensor, signs: torch.Tensor, s: int) -> torch.Tensor:
+        """Count sketch of (..., d) rows -> (..., s) (a scatter-add, no d x s matrix)."""
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_zeros(flat.shape[0], s).scatter_add_(1, buckets.expand(flat.shape[0], -1), flat * signs)
+        return out.reshape(*x.shape[:-1], s)
+
+    def _sketch_out(self, layer: LayerPlan, term: Term) -> torch.Tensor:
+        """(B, T, s): C_out D_t (a one-hot row's sketch is one signed bucket; a row block uses its rows' hashes)."""
+        buckets, signs = self._side(layer, "out", term.a.dtype, term.a.device)
+        s = layer.dim
+        if term.index is not None:
+            idx = term.index.clamp_min(0)
+            val = signs[idx] * (term.index >= 0).to(signs.dtype)
+            return term.a.new_zeros(*idx.shape, s).scatter_(-1, buckets[idx][..., None], val[..., None])
+        rows = slice(term.row0, term.row0 + term.d.shape[-1])
+        return self._sketch_rows(term.d, buckets[rows], signs[rows], s)
+
+    @staticmethod
+    def _via_gradient(layer: LayerPlan, positions: int) -> bool:
+        """Form the per-example gradient (T * d_out * d_in flops, then a scatter of d_out * d_in) instead of
+        sketching every position and its FFT (T * (d_in + d_out + 2 s log s)): cheaper for convolutions with
+        many positions and few channels, and for small layers; the result is the same count sketch."""
+        s_log_s = layer.dim * max(1.0, math.log2(layer.dim))
+        fft = positions * (layer.d_in + layer.d_out + 2 * s_log_s) + s_log_s
+        return (positions + 4) * layer.d_out * layer.d_in <= fft
+
+    def _combine(self, feats, records, offsets):
+        spectrum = None   # FFT-path layers: spectra add up, one inverse FFT at the end
+        for layer, terms in records:
+            for term in terms:
+                if type(self)._via_gradient(layer, term.a.shape[1]):
+                    g = term.gradient(layer.d_out).reshape(term.a.shape[0], -1)
+                    buckets, signs = self._pair_hash(layer, g.dtype, g.device)
+                    feats += g.new_zeros(g.shape[0], layer.dim).scatter_add_(
+                        1, buckets.expand(g.shape[0], -1), g * signs).float()
+                    continue
+                b_in, s_in = self._side(layer, "in", term.a.dtype, term.a.device)
+                spec = (torch.fft.rfft(self._sketch_out(layer, term), dim=2)
+                        * torch.fft.rfft(self._sketch_rows(term.a, b_in, s_in, layer.dim), dim=2)).sum(dim=1)
+                spectrum = spec if spectrum is None else spectrum.add_(spec)
+        if spectrum is not None:
+            feats += torch.fft.irfft(spectrum, n=self.proj_dim, dim=1).float()
+
+
+class DenseProjector:
+    """`RandomProjector(PerExampleGradients(batch))`: a dense seeded projection of torch.func per-example gradients."""
+
+    def __init__(self, module, output_fn, param_names=None, proj_dim: int = 2048, seed: int = 0, device=None,
+                 kind: str = "rademacher"):
+        self.grads = PerExampleGradients(module, output_fn, param_names)
+        self.projector = RandomProjector(self.grads.num_params, proj_dim, kind, seed, device=device or "cpu")
+        self.proj_dim, self.layout = self.projector.proj_dim, self.projector.settings
+        self.layout_hash = hashlib.sha1(json.dumps(self.layout, sort_keys=True).encode()).hexdigest()
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        return self.projector(self.grads(batch))
+
+
+PROJECTORS: dict[str, Callable[..., Any]] = {
+    "factorized": KroneckerProjector, "kronecker": KroneckerProjector, "tensorsketch": TensorSketchProjector,
+}
+
+
+def make_projector(kind: str, module: nn.Module, output_fn: Callable, param_names: list[str] | None, proj_dim: int,
+                   seed: int, device: str | torch.device | None = None) -> Any:
+    """The one factory: a callable batch -> (B, k) float32 features, with `.layout_hash` and `.proj_dim`.
+
+    kind: "tensorsketch" | "factorized" (Kronecker) from layer hooks; "rademacher" | "gaussian" | "identity": dense.
+    """
+    if kind in PROJECTORS:
+        return PROJECTORS[kind](module, output_fn, param_names, proj_dim=proj_dim, seed=seed, device=device)
+    if kind in DENSE_KINDS:
+        return DenseProjector(module, output_fn, param_names, proj_dim, seed, device, kind)
+    raise ValueError(f"unknown projector {kind!r}: use one of {sorted(PROJECTORS) + list(DENSE_KINDS)}")
