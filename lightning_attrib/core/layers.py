@@ -437,6 +437,7 @@ def find_layers(module: nn.Module, param_names: list[str], accept: Callable[[Lay
 
     layers, covered, patched, blocked = [], set(), [], set()
     seq_first: set[str] = set()   # module-name prefixes inside batch_first=False transformer layers
+    batch_first_children: set[str] = set()
     for name, m in module.named_modules():
         if isinstance(m, _TRANSFORMER_LAYERS) and not m.self_attn.batch_first:
             seq_first.add(name + ".")
@@ -448,12 +449,13 @@ def find_layers(module: nn.Module, param_names: list[str], accept: Callable[[Lay
         if kind is MHAKind:
             if MHAKind.patchable(m):
                 patched.append(m)
+                batch_first_children.add(f"{name}.out_proj" if name else "out_proj")   # the patch calls it batch-first
             else:
                 blocked.add(f"{name}.out_proj" if name else "out_proj")
         layer = kind.describe(name, m, usable)
         if layer is None or (accept is not None and not accept(layer)):
             continue
-        if kind is not MHAKind and any(name.startswith(p) for p in seq_first):
+        if kind is not MHAKind and name not in batch_first_children and any(name.startswith(p) for p in seq_first):
             layer.batch_dim = 1
         layers.append(layer)
         covered.update(layer.param_names)
