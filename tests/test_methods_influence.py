@@ -259,13 +259,18 @@ def test_explicit_refuses_large_models_and_iterative_solvers_need_full_gradients
     x, y = torch.randn(8, 80), torch.randint(0, 70, (8,))
     big = nn.Linear(80, 70)                        # 5670 parameters
     with pytest.raises(ValueError, match="max_params=5000.*cg"):
-        Attributor(big, InfluenceFunction(), TensorDataset(x, y), TensorDataset(x, y), tmp_path / "a",
+        Attributor(big, InfluenceFunction(solver="explicit"), TensorDataset(x, y), TensorDataset(x, y), tmp_path / "a",
                    projector="identity").run()
     small = nn.Linear(80, 3)
-    y3 = torch.randint(0, 3, (8,))
+    # the pipeline asks the method which features it needs: full gradients for cg, whatever projector was requested
+    cg = InfluenceFunction(solver="cg")
+    assert cg.choose_projector(small, ["weight", "bias"], "tensorsketch", 16) == "identity"
+    assert InfluenceFunction(solver="projected").choose_projector(small, ["weight"], "tensorsketch", 16) == "tensorsketch"
+    # ... and a solver handed projected features anyway refuses them
+    from types import SimpleNamespace
+
     with pytest.raises(ValueError, match="projector='identity'"):
-        Attributor(small, InfluenceFunction(solver="cg"), TensorDataset(x, y3), TensorDataset(x, y3), tmp_path / "b",
-                   proj_dim=16).run()
+        cg.prepare(SimpleNamespace(snapshot_index=0, projector={"projector": "tensorsketch"}))
     with pytest.raises(ValueError, match="run it through"):
         from lightning_attrib.core.methods import TrainStatistics, SnapshotInfo
 

@@ -70,6 +70,9 @@ class Term:
     index: torch.Tensor | None = None
     row0: int = 0
 
+    def to(self, dtype: torch.dtype) -> "Term":
+        return Term(self.a.to(dtype), None if self.d is None else self.d.to(dtype), self.index, self.row0)
+
     def out_times(self, mat: torch.Tensor) -> torch.Tensor:
         """(B, T, k) = D_t^T mat[rows] for a (d_out, k) matrix: a gather for one-hot rows, a matmul otherwise."""
         if self.index is not None:

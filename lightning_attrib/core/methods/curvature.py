@@ -232,12 +232,15 @@ class Curvature:
         return mat + torch.diag(self.decay.to(device))
 
 
-def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, tol: float, max_iter: int
+def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.Tensor, tol: float, max_iter: int,
+                       on_iteration: Callable[[int, torch.Tensor], bool] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve A X_j = B_j for every row j of B (A symmetric positive definite, given by `matvec` on row blocks).
 
     Each row runs its own CG recurrence and stops once ||r|| <= tol * ||b||, so a row's solution does not depend
-    on the other rows it is batched with. Returns (X, iterations per row, final relative residual per row).
+    on the other rows it is batched with. `on_iteration(iteration, relative residuals)` is called after every
+    iteration (progress); returning False stops all rows there. Returns (X, iterations per row, final relative
+    residual per row).
     """
     B = B.to(torch.float64)
     X = torch.zeros_like(B)
@@ -267,6 +270,8 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], B: torch.
         rs[idx] = rs_new
         iters[idx.cpu()] += 1
         active[idx] = rs_new.sqrt() > target[idx]
+        if on_iteration is not None and not on_iteration(int(iters.max()), rs.sqrt() / b_norm.clamp_min(1e-300)):
+            break
     return X, iters, (rs.sqrt() / b_norm.clamp_min(1e-300)).cpu()
 
 

@@ -22,8 +22,11 @@ inputs a, with a constant 1 appended when the bias is attributed; t runs over se
 So EK-FAC equals the explicit damped inverse of M (layer block) exactly when Q diagonalizes that block, e.g. when
 M's block is itself a Kronecker product (one training example; or a model whose softmax outputs do not depend on
 the input, such as logistic regression with zero weights); otherwise it is the projection of M on the matrices
-diagonal in Q. Supported layers: `nn.Linear` (any leading dims) and `nn.Conv2d` (groups=1, numeric padding,
-zeros padding mode), each called once per forward pass.
+diagonal in Q. Layers: every kind of the layer engine (`core/layers.py`, the same discovery as the projectors):
+Linear, Conv1d/2d (any padding), HF Conv1D, MultiheadAttention's packed in-projection, Embedding (one-hot rows:
+S is diagonal, at most `MAX_SIDE` rows) and the affine parameters of norm layers, which are HANDLED, not skipped: their
+block has d_in = 1 (A is a scalar), so Q = U_S diagonalizes their GGN block and EK-FAC is exact there. A layer may
+run several times per forward (its terms are summed). Parameters outside these layers are refused (use params=).
 Cost: two passes over the training data (C backward passes per batch for "ggn"), memory d_in^2 + d_out^2 per layer.
 """
 from __future__ import annotations
@@ -31,64 +34,92 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..batches import unpack_batch
+from ..layers import Layer, LayerEngine, Term
 from ..outputs import CrossEntropyLoss
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+MAX_SIDE = 8192   # largest factor side (d_in or d_out) EK-FAC eigendecomposes (an embedding's vocabulary, a wide layer)
 
 
 @dataclass
 class LayerBlock:
-    name: str
-    layer: nn.Module
-    w_offset: int
-    w_numel: int
-    b_offset: int | None       # None: bias not attributed (no constant-1 input)
-    d_out: int
-    d_in: int                  # including the constant-1 column when the bias is attributed
+    """One engine layer's EK-FAC state and where its parameters sit in the flat (p,) feature layout."""
+
+    layer: Layer
+    offsets: list[int]          # flat offset of each of layer.param_names
     U_A: torch.Tensor | None = None
     U_S: torch.Tensor | None = None
     Lambda: torch.Tensor | None = None
 
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def d_out(self) -> int:
+        return self.layer.d_out
+
+    @property
+    def d_in(self) -> int:
+        return self.layer.d_in
+
+    def matrix(self, flat: torch.Tensor) -> torch.Tensor:
+        """(m, d_out, d_in) G layout of this layer's entries of (m, p) rows."""
+        shapes = [tuple(p.shape) for p in _params(self.layer)]
+        parts = [flat[:, o:o + _numel(s)].reshape(flat.shape[0], *s) for o, s in zip(self.offsets, shapes)]
+        return self.layer.to_matrix(parts)
+
+    def scatter(self, out: torch.Tensor, G: torch.Tensor) -> None:
+        """Write (m, d_out, d_in) G back into the flat rows of `out`."""
+        for o, t in zip(self.offsets, self.layer.from_matrix(G)):
+            out[:, o:o + t[0].numel()] = t.reshape(t.shape[0], -1)
+
+
+def _params(layer: Layer) -> list[torch.Tensor]:
+    return [getattr(layer.module, n.rsplit(".", 1)[-1]) for n in layer.param_names]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
 
 def find_blocks(module: nn.Module, param_names: list[str]) -> list[LayerBlock]:
-    """One `LayerBlock` per supported layer whose weight is attributed; error on any other attributed parameter."""
+    """One `LayerBlock` per engine layer among `param_names`; error on any attributed parameter outside them."""
+    engine = LayerEngine(module, param_names)
+    check_supported(engine)
     named = dict(module.named_parameters())
     offsets, off = {}, 0
     for n in param_names:
         offsets[n] = off
         off += named[n].numel()
-    chosen, covered, blocks = set(param_names), set(), []
-    for lname, layer in module.named_modules():
-        if not isinstance(layer, SUPPORTED_LAYERS):
-            continue
-        w = f"{lname}.weight" if lname else "weight"
-        b = f"{lname}.bias" if lname else "bias"
-        has_b = layer.bias is not None and b in chosen
-        if w not in chosen:
-            if has_b:
-                raise ValueError(f"EK-FAC: the bias {b!r} is attributed without its weight {w!r}; attribute both or neither")
-            continue
-        if isinstance(layer, nn.Conv2d):
-            if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
-                raise ValueError(f"EK-FAC supports nn.Conv2d with groups=1, numeric padding and zeros padding mode; "
-                                 f"layer {lname!r} is {layer}")
-        d_out = layer.weight.shape[0]
-        d_in_w = layer.weight[0].numel()
-        blocks.append(LayerBlock(lname, layer, offsets[w], layer.weight.numel(), offsets[b] if has_b else None,
-                                 d_out, d_in_w + int(has_b)))
-        covered.update({w} | ({b} if has_b else set()))
-    rest = [n for n in param_names if n not in covered]
-    if rest:
+    return [LayerBlock(la, [offsets[n] for n in la.param_names]) for la in engine.layers]
+
+
+def check_supported(engine: LayerEngine) -> None:
+    """Raise (with the fix) when EK-FAC cannot handle every attributed parameter of `engine`."""
+    if engine.rest:
         raise ValueError(
-            f"EK-FAC supports the weights (and biases) of nn.Linear and nn.Conv2d layers only; these attributed "
-            f"parameters are in other layers: {rest[:10]}. Restrict params= to supported layers, or use "
-            "solver='cg', 'lissa' or 'projected'."
-        )
-    return blocks
+            f"EK-FAC covers the layers of the layer engine only (Linear, Conv1d/2d, Embedding, norm affine parameters, "
+            f"MultiheadAttention, HF Conv1D); these attributed parameters are elsewhere (or tied, or a bias without its "
+            f"weight): {engine.rest[:10]}. Restrict params= to supported layers, or use solver='projected'.")
+    wide = [(la.name, max(la.d_out, la.d_in)) for la in engine.layers if max(la.d_out, la.d_in) > MAX_SIDE]
+    if wide:
+        raise ValueError(f"EK-FAC eigendecomposes each layer's factors; {wide[:5]} have a side above {MAX_SIDE}. "
+                         "Exclude them with params=, or use solver='projected'.")
+
+
+def unsupported_reason(module: nn.Module, param_names: list[str]) -> str | None:
+    """None when EK-FAC supports every attributed parameter, else why not (for the automatic solver choice)."""
+    try:
+        check_supported(LayerEngine(module, param_names))
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class EKFAC:
@@ -101,111 +132,78 @@ class EKFAC:
             raise ValueError("EK-FAC with matrix='ggn' needs the built-in 'loss' output (softmax cross-entropy on "
                              "module(inputs) logits); use matrix='empirical_fisher' for a custom output")
         self.module, self.param_names, self.output_fn, self.matrix = module, param_names, output_fn, matrix
+        self.engine = LayerEngine(module, param_names)
         self.blocks = find_blocks(module, param_names)
         self.num_params = int(sum(dict(module.named_parameters())[n].numel() for n in param_names))
 
-    # -- per-batch activations and pre-activation gradients ----------------------------------------
-    def _inputs(self, block: LayerBlock, x: torch.Tensor) -> torch.Tensor:
-        layer = block.layer
-        if isinstance(layer, nn.Conv2d):
-            a = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
-        else:
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
-        a = a.to(torch.float64)
-        if block.b_offset is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        return a
-
-    @staticmethod
-    def _grads(block: LayerBlock, g: torch.Tensor) -> torch.Tensor:
-        if isinstance(block.layer, nn.Conv2d):
-            return g.flatten(2).transpose(1, 2).to(torch.float64)
-        return g.reshape(g.shape[0], -1, g.shape[-1]).to(torch.float64)
+    @property
+    def layer_kinds(self) -> dict[str, str]:
+        """{layer name: kind} of the blocks (norm layers appear as kind "norm": handled, exact per block)."""
+        return {b.name: b.layer.kind for b in self.blocks}
 
     def _passes(self, batch):
-        """Yields (activations per block, pre-activation gradients per block) for each pseudo-output of a batch."""
-        records: dict[str, list] = {b.name: [] for b in self.blocks}
-
-        def hook_for(block):
-            def hook(mod, inp, out):
-                records[block.name].append((inp[0].detach(), out))
-            return hook
-
-        handles = [b.layer.register_forward_hook(hook_for(b)) for b in self.blocks]
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.enable_grad():
-                if self.matrix == "ggn":
-                    inputs, _ = unpack_batch(batch)
-                    z = self.module(inputs)
-                    p = torch.softmax(z.detach().double(), dim=-1)
-                    eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
-                    scalars = [(z * (p[..., c:c + 1].sqrt() * (p - eye[c])).to(z.dtype)).sum() for c in range(z.shape[-1])]
-                else:
-                    scalars = [self.output_fn(self.module, batch).sum()]
-        finally:
-            for h in handles:
-                h.remove()
-            self.module.train(was_training)
-        for b in self.blocks:
-            if len(records[b.name]) != 1:
-                raise ValueError(f"EK-FAC: layer {b.name!r} ran {len(records[b.name])} times in one forward pass; "
-                                 "shared or repeated layers are not supported")
-        acts = [self._inputs(b, records[b.name][0][0]) for b in self.blocks]
-        outs = [records[b.name][0][1] for b in self.blocks]
-        for k, s in enumerate(scalars):
-            gs = torch.autograd.grad(s, outs, retain_graph=k < len(scalars) - 1, allow_unused=True)
-            yield acts, [self._grads(b, g if g is not None else torch.zeros_like(o))
-                         for b, g, o in zip(self.blocks, gs, outs)]
+        """Per pseudo-output of a batch: {layer name: [Term]} (for "ggn" the C outputs sqrt(p_c) (p - e_c)^T z,
+        whose outer products sum to the GGN; for "empirical_fisher" the summed loss)."""
+        with self.engine.recording() as tape:
+            if self.matrix == "ggn":
+                inputs, _ = unpack_batch(batch)
+                z = self.module(inputs)
+                p = torch.softmax(z.detach().double(), dim=-1)
+                eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
+                scalars = [(z * (p[..., c:c + 1].sqrt() * (p - eye[c])).to(z.dtype)).sum() for c in range(z.shape[-1])]
+                tape.batch_size = z.shape[0]
+            else:
+                out = self.output_fn(self.module, batch)
+                tape.batch_size = out.shape[0]
+                scalars = [out.sum()]
+            for k, s in enumerate(scalars):
+                terms: dict[str, list[Term]] = {}
+                for layer, ts in tape.terms(s, retain_graph=k < len(scalars) - 1):
+                    terms.setdefault(layer.name, []).extend(ts)
+                yield terms
 
     # -- fitting --------------------------------------------------------------------------------
     def fit(self, batches_factory, reduce, n_train: int, decay: torch.Tensor) -> None:
         """`batches_factory()` -> this rank's training batches; `reduce` all-reduces a tensor over ranks."""
         dev = next(iter(self.module.parameters())).device
-        A = [torch.zeros(b.d_in, b.d_in, dtype=torch.float64, device=dev) for b in self.blocks]
-        S = [torch.zeros(b.d_out, b.d_out, dtype=torch.float64, device=dev) for b in self.blocks]
+        f64 = torch.float64
+        A = {b.name: torch.zeros(b.d_in, b.d_in, dtype=f64, device=dev) for b in self.blocks}
+        S = {b.name: torch.zeros(b.d_out, b.d_out, dtype=f64, device=dev) for b in self.blocks}
+        kinds = self.layer_kinds
         for batch in batches_factory():
-            for first, (acts, grads) in enumerate(self._passes(batch)):
-                for j, (a, d) in enumerate(zip(acts, grads)):
-                    if first == 0:
-                        A[j] += torch.einsum("bti,btj->ij", a, a)
-                    S[j] += torch.einsum("bti,btj->ij", d, d)
-        for j, b in enumerate(self.blocks):
-            b.U_A = torch.linalg.eigh(reduce(A[j]))[1]
-            b.U_S = torch.linalg.eigh(reduce(S[j]))[1]
-            b.Lambda = torch.zeros(b.d_out, b.d_in, dtype=torch.float64, device=dev)
+            for first, terms in enumerate(self._passes(batch)):
+                for name, ts in terms.items():
+                    for t in ts:
+                        t = t.to(f64)
+                        if first == 0 or kinds[name] == "embedding":   # an embedding's A side is its output gradient
+                            A[name] += torch.einsum("bti,btj->ij", t.a, t.a)
+                        d = t.out_dense(S[name].shape[0])
+                        S[name] += torch.einsum("bti,btj->ij", d, d)
+        for b in self.blocks:
+            b.U_A = torch.linalg.eigh(reduce(A[b.name]))[1]
+            b.U_S = torch.linalg.eigh(reduce(S[b.name]))[1]
+            b.Lambda = torch.zeros(b.d_out, b.d_in, dtype=f64, device=dev)
+        blocks = {b.name: b for b in self.blocks}
         for batch in batches_factory():
-            for first, (acts, grads) in enumerate(self._passes(batch)):
-                for j, (a, d, b) in enumerate(zip(acts, grads, self.blocks)):
-                    g_hat = torch.einsum("bto,bti->boi", d @ b.U_S, a @ b.U_A)
+            for terms in self._passes(batch):
+                for name, ts in terms.items():
+                    b = blocks[name]
+                    g_hat = sum(torch.einsum("bto,bti->boi", t.out_times(b.U_S), t.a @ b.U_A)
+                                for t in (t.to(f64) for t in ts))
                     b.Lambda += (g_hat * g_hat).sum(dim=0)
         for b in self.blocks:
-            b.Lambda = reduce(b.Lambda) / n_train + (b.U_S ** 2).T @ self._block_matrix(b, decay.to(dev)) @ (b.U_A ** 2)
-
-    def _block_matrix(self, b: LayerBlock, flat: torch.Tensor) -> torch.Tensor:
-        """The (d_out, d_in) layout of this layer's entries of a flat (p,) vector."""
-        w = flat[b.w_offset:b.w_offset + b.w_numel].reshape(b.d_out, -1)
-        if b.b_offset is None:
-            return w
-        return torch.cat([w, flat[b.b_offset:b.b_offset + b.d_out].reshape(b.d_out, 1)], dim=1)
+            D = b.matrix(decay.to(dev)[None])[0]
+            b.Lambda = reduce(b.Lambda) / n_train + (b.U_S ** 2).T @ D @ (b.U_A ** 2)
 
     # -- applying -------------------------------------------------------------------------------
     def apply(self, V: torch.Tensor, damping: float) -> torch.Tensor:
         """Rows of (M_EKFAC + damping I)^-1 V^T for (m, p) float64 V (gradients in the features' layout)."""
         V = V.to(torch.float64)
         out = torch.zeros_like(V)
-        m = V.shape[0]
         for b in self.blocks:
             U_A, U_S, lam = b.U_A.to(V.device), b.U_S.to(V.device), b.Lambda.to(V.device)
-            w = V[:, b.w_offset:b.w_offset + b.w_numel].reshape(m, b.d_out, -1)
-            G = w if b.b_offset is None else torch.cat([w, V[:, b.b_offset:b.b_offset + b.d_out, None]], dim=2)
-            G_hat = U_S.T @ G @ U_A / (lam + damping)
-            back = U_S @ G_hat @ U_A.T
-            d_w = b.w_numel // b.d_out
-            out[:, b.w_offset:b.w_offset + b.w_numel] = back[:, :, :d_w].reshape(m, -1)
-            if b.b_offset is not None:
-                out[:, b.b_offset:b.b_offset + b.d_out] = back[:, :, d_w]
+            G_hat = U_S.T @ b.matrix(V) @ U_A / (lam + damping)
+            b.scatter(out, U_S @ G_hat @ U_A.T)
         return out
 
     def eigenvalues(self) -> torch.Tensor:
