@@ -223,3 +223,15 @@ def test_hf_gpt2_conv1d_terms_and_sketch():
                                    layer.to_matrix([ref[n] for n in layer.param_names]))
     proj = TensorSketchProjector(net, output, None, proj_dim=32, seed=1)
     torch.testing.assert_close(proj(batch).double(), _explicit(proj, net, output, batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_identity_projector_gives_torch_func_gradients_without_vmap(case):
+    """projector="identity" from the engine: the full per-example gradients in param_names order, as torch.func's."""
+    cls, make_batch = CASES[case]
+    module, batch = _model(cls), make_batch()
+    output = resolve_output("loss")
+    names = [n for n, _ in module.named_parameters()][::-1]       # any order: the features follow it
+    exact = make_projector("identity", module, output, names, proj_dim=1, seed=0)
+    assert exact.engine.rest == [] and exact.proj_dim == sum(p.numel() for p in module.parameters())
+    torch.testing.assert_close(exact(batch), PerExampleGradients(module, output, names)(batch), rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import Attributor, Snapshot, load_results
 from lightning_attrib.core.methods import InfluenceFunction, make_method
+from lightning_attrib.core.methods.influence import DEFAULT_DAMPING_RATIO
 from lightning_attrib.testing import digits_problem, leave_one_out, mean_pearson, query_losses, train_logreg
 
 L2 = 1e-2
@@ -139,7 +140,7 @@ def test_default_damping_is_ratio_times_mean_fisher_eigenvalue(loo, results):
     x = _aug(problem.x_train)
     r = torch.softmax(full(problem.x_train), -1).detach() - nn.functional.one_hot(problem.y_train, 10)
     sq = ((r * r).sum(1) * (x * x).sum(1)).mean().item()      # ||g_i||^2 = ||p - y||^2 ||[x, 1]||^2
-    assert method.damping_used[0] == pytest.approx(0.1 * sq / 650, rel=1e-5)
+    assert method.damping_used[0] == pytest.approx(DEFAULT_DAMPING_RATIO * sq / 650, rel=1e-5)
 
 
 def test_cg_and_lissa_solve_the_explicit_system(results):

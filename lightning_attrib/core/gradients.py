@@ -45,7 +45,7 @@ def select_parameters(module: nn.Module, params: ParamSelector = None) -> list[s
 
 
 @contextmanager
-def _no_attention_fast_path():
+def no_attention_fast_path():
     """The MHA / TransformerEncoder fast path off (its nested-tensor ops cannot be vmapped), restored on exit."""
     mha = getattr(torch.backends, "mha", None)
     if mha is None or not hasattr(mha, "set_fastpath_enabled"):
@@ -69,7 +69,7 @@ def per_example_gradients(fn: Callable[[Any, Any], torch.Tensor], params: Any, b
         return fn(p, ex).squeeze(0)
 
     try:
-        with _no_attention_fast_path():
+        with no_attention_fast_path():
             return vmap(grad(one), in_dims=(None, 0))(params, batch)
     except (RuntimeError, NotImplementedError) as err:
         text = str(err)

@@ -28,7 +28,7 @@ from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
-from .projection import FACTORIZED_KINDS, RandomProjector
+from .projection import HOOKED_KINDS, RandomProjector
 from .results import TOPK_FILES, AttributionResult, load_results, save_array, save_json
 from .scoring import FullScoresSink, TopKSink, prefetched
 from .store import FeatureStore, ensure_writable_dir
@@ -219,7 +219,7 @@ class Attributor:
                 ";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
             "num_params": int(sum(params[n].numel() for n in self.param_names)),
         }
-        if self.projector_kind in FACTORIZED_KINDS:  # which layers are factorized and how k is split among them
+        if self.projector_kind in HOOKED_KINDS:  # which layers are factorized and how k is split among them
             settings["factorized_layout"] = self._factorized_projector().layout_hash
         return settings
 
@@ -252,7 +252,7 @@ class Attributor:
             store.create(snap.name, "query", np.arange(self.n_query))
         self.dist.barrier()
         seed = snapshot_seed(self.seed, snap.name)  # an independent projection per snapshot (as TRAK's ensembles)
-        if self.projector_kind in FACTORIZED_KINDS:
+        if self.projector_kind in HOOKED_KINDS:
             # Kronecker-factorized / tensor-sketched features straight from one batched backward: no per-example gradients,
             # no dense projector (`grads(batch)` already returns (B, k) features).
             grads, projector = self._factorized_projector(seed), None

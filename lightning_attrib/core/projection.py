@@ -17,6 +17,9 @@ DENSE_KINDS = ("rademacher", "gaussian", "identity")
 # "factorized" = Kronecker product P_out (x) P_in, "tensorsketch" = count sketches combined by FFT.
 FACTORIZED_KINDS = {"factorized": "kronecker", "tensorsketch": "tensor"}
 PROJECTOR_KINDS = DENSE_KINDS + tuple(FACTORIZED_KINDS)
+# Built by `core.sketch.make_projector` on the layer engine (full gradients included: exact per-layer gradients from the
+# hooks' factors, no vmap for the layers it covers).
+HOOKED_KINDS = (*FACTORIZED_KINDS, "identity")
 
 
 class RandomProjector:
@@ -30,7 +33,7 @@ class RandomProjector:
     def __init__(self, num_params: int, proj_dim: int, kind: str = "rademacher", seed: int = 0,
                  chunk_rows: int = 8 * BLOCK_ROWS, cache_bytes: int = 2**30, device: str | torch.device = "cpu"):
         if kind not in DENSE_KINDS:
-            hint = ": use core.factorized.FactorizedProjector" if kind in FACTORIZED_KINDS else ""
+            hint = ": use core.sketch.make_projector" if kind in FACTORIZED_KINDS else ""
             raise ValueError(f"dense projector kind must be one of {DENSE_KINDS}, got {kind!r}{hint}")
         if kind == "identity":
             proj_dim = num_params

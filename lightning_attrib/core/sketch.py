@@ -409,6 +409,52 @@ class TensorSketchProjector(HookedProjector):
             feats += torch.fft.irfft(spectrum, n=self.proj_dim, dim=1).float()
 
 
+class ExactGradients:
+    """(B, p) full per-example gradients (`projector="identity"`), flattened in `param_names` order like
+    `PerExampleGradients`: hooked layers from the engine's terms (one batched backward, no vmap), the rest via
+    torch.func."""
+
+    def __init__(self, module: nn.Module, output_fn: Callable, param_names: Iterable[str] | None = None,
+                 device: str | torch.device | None = None):
+        self.module, self.output_fn = module, output_fn
+        self.param_names = list(param_names) if param_names is not None else select_parameters(module)
+        self.engine = LayerEngine(module, self.param_names)
+        params = dict(module.named_parameters())
+        self.offsets, lo = {}, 0
+        for n in self.param_names:
+            self.offsets[n] = (lo, params[n].numel())
+            lo += params[n].numel()
+        self.proj_dim = self.num_params = lo
+        self.layout = {"projector": "identity", "num_params": lo, "hooked": [la.name for la in self.engine.layers],
+                       "rest": list(self.engine.rest)}
+        self.layout_hash = hashlib.sha1(json.dumps(self.layout, sort_keys=True).encode()).hexdigest()
+        self._rest = PerExampleGradients(module, output_fn, self.engine.rest) if self.engine.rest else None
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            out, records = self.engine.run(self.output_fn, batch) if self.engine.layers else (None, [])
+            rest = self._rest(batch) if self._rest is not None else None
+        finally:
+            self.module.train(was_training)
+        n = out.shape[0] if out is not None else rest.shape[0]
+        device = out.device if out is not None else rest.device
+        feats = torch.zeros(n, self.num_params, dtype=torch.float32, device=device)
+        for layer, terms in records:
+            G = sum(t.gradient(layer.d_out) for t in terms)
+            for name, part in zip(layer.param_names, layer.from_matrix(G)):
+                lo, k = self.offsets[name]
+                feats[:, lo:lo + k] += part.reshape(n, -1).float()
+        if rest is not None:
+            col = 0
+            for name in self.engine.rest:
+                lo, k = self.offsets[name]
+                feats[:, lo:lo + k] = rest[:, col:col + k]
+                col += k
+        return feats
+
+
 class DenseProjector:
     """`RandomProjector(PerExampleGradients(batch))`: a dense seeded projection of torch.func per-example gradients."""
 
@@ -432,10 +478,13 @@ def make_projector(kind: str, module: nn.Module, output_fn: Callable, param_name
                    seed: int, device: str | torch.device | None = None) -> Any:
     """The one factory: a callable batch -> (B, k) float32 features, with `.layout_hash` and `.proj_dim`.
 
-    kind: "tensorsketch" | "factorized" (Kronecker) from layer hooks; "rademacher" | "gaussian" | "identity": dense.
+    kind: "tensorsketch" | "factorized" (Kronecker) | "identity" (full gradients) from layer hooks (torch.func for the
+    rest); "rademacher" | "gaussian": dense projections of torch.func per-example gradients.
     """
     if kind in PROJECTORS:
         return PROJECTORS[kind](module, output_fn, param_names, proj_dim=proj_dim, seed=seed, device=device)
+    if kind == "identity":
+        return ExactGradients(module, output_fn, param_names, device)
     if kind in DENSE_KINDS:
         return DenseProjector(module, output_fn, param_names, proj_dim, seed, device, kind)
     raise ValueError(f"unknown projector {kind!r}: use one of {sorted(PROJECTORS) + list(DENSE_KINDS)}")

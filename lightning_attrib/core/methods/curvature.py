@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
 from ..batches import unpack_batch
-from ..gradients import per_example_gradients
+from ..gradients import no_attention_fast_path, per_example_gradients
 from ..outputs import CrossEntropyLoss
 
 MATRICES = ("hessian", "ggn", "empirical_fisher")
@@ -92,7 +92,8 @@ class ModelFunction:
         was_training = self.module.training
         self.module.eval()
         try:
-            return functional_call(bound, {**self.fixed, **self.unflatten(flat)}, (batch,))
+            with no_attention_fast_path():   # its nested-tensor kernels cannot run under torch.func transforms
+                return functional_call(bound, {**self.fixed, **self.unflatten(flat)}, (batch,))
         finally:
             self.module.train(was_training)
 
