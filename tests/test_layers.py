@@ -235,3 +235,37 @@ def test_identity_projector_gives_torch_func_gradients_without_vmap(case):
     exact = make_projector("identity", module, output, names, proj_dim=1, seed=0)
     assert exact.engine.rest == [] and exact.proj_dim == sum(p.numel() for p in module.parameters())
     torch.testing.assert_close(exact(batch), PerExampleGradients(module, output, names)(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ekfac_factors_of_every_layer_against_per_example_gradients(case):
+    """EK-FAC (empirical Fisher) on the engine: per layer, Lambda = mean_i (U_S^T G_i U_A)^2 with G_i the torch.func
+    per-example gradient; norm layers' U_S diagonalizes sum_i g_i g_i^T (exact block); apply = Q diag(1/(Lambda+lam)) Q^T."""
+    from lightning_attrib.core.methods.ekfac import EKFAC
+
+    cls, make_batch = CASES[case]
+    module, batch = _model(cls), make_batch()
+    output = resolve_output("loss")
+    names = [n for n, _ in module.named_parameters()]
+    p = sum(q.numel() for q in module.parameters())
+    ek = EKFAC(module, names, output, "empirical_fisher")
+    n = len(batch[1])
+    ek.fit(lambda: [batch], lambda t: t, n, torch.zeros(p, dtype=torch.float64))
+    ref = _reference_grads(module, output, names, batch)
+    kinds = set()
+    for b in ek.blocks:
+        kinds.add(b.layer.kind)
+        G = b.layer.to_matrix([ref[q] for q in b.layer.param_names])
+        hat = b.U_S.T @ G @ b.U_A
+        torch.testing.assert_close(b.Lambda, (hat ** 2).mean(0), rtol=1e-6, atol=1e-10, msg=b.name)
+        if b.layer.kind == "norm":
+            S = torch.einsum("bi,bj->ij", G[:, :, 0], G[:, :, 0])
+            off = b.U_S.T @ S @ b.U_S
+            assert (off - torch.diag(off.diagonal())).abs().max() <= 1e-6 * S.abs().max()
+    assert {"norm", "mha", "linear"} <= kinds
+    flat = torch.cat([ref[q].reshape(n, -1) for q in names], dim=1)
+    out = ek.apply(flat, 0.1)
+    for b in ek.blocks:
+        G = b.matrix(flat)
+        want = b.U_S @ ((b.U_S.T @ G @ b.U_A) / (b.Lambda + 0.1)) @ b.U_A.T
+        torch.testing.assert_close(b.matrix(out), want)

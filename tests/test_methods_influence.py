@@ -391,3 +391,27 @@ def test_two_ranks_equal_one_rank(noisy, tmp_path):
         assert two.manifest["damping"] == pytest.approx(single.manifest["damping"], rel=1e-9)
         np.testing.assert_allclose(two.scores, single.scores, rtol=1e-5, atol=1e-6 * np.abs(single.scores).max())
         np.testing.assert_allclose(two.self_influence, single.self_influence, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+def test_iterative_solvers_report_progress_and_stop_at_the_time_limit(tmp_path, capfd, solver):
+    """A time limit far below one solve: the solver stops with a ConvergenceWarning naming the limit and what to
+    change, after printing its progress; the scores are the partial solve's (finite)."""
+    from lightning_attrib.core.methods import ConvergenceWarning
+
+    problem = digits_problem(n_train=60, n_query=5)
+    model = train_logreg(problem)
+    method = InfluenceFunction(solver=solver, weight_decay=WD, batch_size=60, time_limit_s=1e-6, progress_every_s=0.0,
+                               lissa_depth=50, lissa_batch_size=16)
+    with pytest.warns(ConvergenceWarning, match="time_limit_s"):
+        res = run(model, method, problem, tmp_path)
+    assert np.isfinite(np.asarray(res.scores)).all()
+    assert f"influence/{solver}:" in capfd.readouterr().err
+    assert res.manifest[f"{solver}_time_limit_hit"] is True
+
+
+@pytest.mark.parametrize("bad", [dict(damping=float("nan")), dict(damping=float("inf")), dict(damping_ratio=float("nan")),
+                                 dict(weight_decay=float("inf")), dict(time_limit_s=0.0)])
+def test_non_finite_settings_are_refused_at_construction(bad):
+    with pytest.raises(ValueError):
+        InfluenceFunction(**bad)
