@@ -441,11 +441,16 @@ class ExactGradients:
         n = out.shape[0] if out is not None else rest.shape[0]
         device = out.device if out is not None else rest.device
         feats = torch.zeros(n, self.num_params, dtype=torch.float32, device=device)
+        written = set()
         for layer, terms in records:
-            G = sum(t.gradient(layer.d_out) for t in terms)
+            G = terms[0].gradient(layer.d_out)
+            for t in terms[1:]:
+                G = G + t.gradient(layer.d_out)
             for name, part in zip(layer.param_names, layer.from_matrix(G)):
                 lo, k = self.offsets[name]
-                feats[:, lo:lo + k] += part.reshape(n, -1).float()
+                view = feats[:, lo:lo + k].unflatten(1, part.shape[1:])   # a view: no copy of the block
+                view.add_(part) if name in written else view.copy_(part)  # a layer run twice: its terms add up
+                written.add(name)
         if rest is not None:
             col = 0
             for name in self.engine.rest:
