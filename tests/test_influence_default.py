@@ -44,7 +44,7 @@ class LitNet(L.LightningModule):
 
 
 def cnn() -> nn.Module:
-    """Digits 8x8 CNN with BatchNorm (12,906 parameters: above the explicit solver's 5,000)."""
+    """Digits 8x8 CNN with BatchNorm (5,114 parameters: above the explicit solver's 5,000)."""
     return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(16 * 16, 10), )
@@ -53,10 +53,10 @@ def cnn() -> nn.Module:
 class TinyTransformer(nn.Module):
     """Embedding + stock TransformerEncoder (padding mask, nested tensors on) + masked mean pool + head."""
 
-    def __init__(self, vocab: int = 24, dim: int = 32, classes: int = 2):
+    def __init__(self, vocab: int = 24, dim: int = 16, classes: int = 2):
         super().__init__()
         self.emb = nn.Embedding(vocab, dim, padding_idx=PAD)
-        layer = nn.TransformerEncoderLayer(dim, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
         self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
         self.head = nn.Linear(dim, classes)
 
@@ -127,7 +127,7 @@ def test_no_argument_influence_on_a_batchnorm_cnn_finds_flipped_labels(tmp_path)
     auc, base = roc_auc_score(flipped, res.self_influence), loss_auroc(model, train, flipped)
     print(f"\nno-argument influence on a BN CNN: solver {m['solver']} ({m['solver_reason']}), AUROC {auc:.3f}, "
           f"loss baseline {base:.3f}")
-    assert m["solver"] == "ekfac" and m["ekfac_layers"]["net.2"] == m["ekfac_layers"]["net.5"] == "norm"
+    assert m["solver"] == "projected" and m["projector"] == "tensorsketch"
     assert auc >= base - 0.03
 
 
@@ -145,3 +145,4 @@ def test_no_argument_influence_on_a_small_transformer_finds_flipped_labels(tmp_p
     print(f"\nno-argument influence on a transformer: solver {m['solver']} ({m['solver_reason']}), AUROC {auc:.3f}, "
           f"loss baseline {base:.3f}")
     assert auc >= base - 0.03
+    assert m["solver"] == "explicit" and m["projector"] == "identity"   # 2,642 parameters: the GGN through attention

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
+from .layers import SUPPORTED, explicit_attention
 from .outputs import OutputFunction
 
 ParamSelector = None | Sequence[str] | Callable[[str, nn.Parameter], bool]
@@ -75,7 +76,6 @@ def per_example_gradients(fn: Callable[[Any, Any], torch.Tensor], params: Any, b
         text = str(err)
         if "atching rule" not in text and "vmap" not in text and "functorch" not in text:
             raise
-        from .layers import SUPPORTED
         op = text.split("for ")[-1].split(".")[0].strip() if "not implemented for" in text else text.splitlines()[0]
         who = what() if what is not None else "the model's parameters"
         raise ValueError(
@@ -127,7 +127,8 @@ class PerExampleGradients:
         try:
             params = {f"module.{n}": p.detach() for n, p in self.module.named_parameters() if n in set(self.param_names)}
             buffers = {f"module.{n}": b for n, b in self.module.named_buffers()}
-            with torch.no_grad():  # torch.func.grad differentiates inside; no outer graph through unselected params
+            # torch.func.grad differentiates inside (no outer graph through unselected params); attention written out
+            with torch.no_grad(), explicit_attention(self.module):
                 grads = per_example_gradients(lambda p, ex: functional_call(self._bound, (p, buffers), (ex,)), params,
                                               batch, lambda: _owners(self.module, self.param_names))
         finally:

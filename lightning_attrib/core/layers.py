@@ -549,6 +549,22 @@ class LayerEngine:
             return out, tape.terms(out.sum())
 
 
+@contextmanager
+def explicit_attention(module: nn.Module) -> Iterator[None]:
+    """Every patchable nn.MultiheadAttention of `module` computed by `_PatchedAttention` (softmax(QK^T)V written out)
+    instead of F.multi_head_attention_forward: torch.func transforms then work (forward-mode AD, used by the GGN and
+    Hessian products, has no rule for the fused CPU attention kernel; vmap has no batching rule for it)."""
+    patched = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention) and MHAKind.patchable(m)
+               and "forward" not in m.__dict__]
+    for m in patched:
+        m.forward = _PatchedAttention(m, None, Tape())
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
+
+
 class _PatchedAttention:
     """nn.MultiheadAttention.forward, computed with F.linear on the packed in-projection (recorded on the tape when
     that layer is hooked) and out_proj called as a module (so its Linear hook fires). Same math as the stock forward

@@ -154,7 +154,7 @@ class Attributor:
         self.param_names = select_parameters(module, params)
         choose = getattr(method, "choose_projector", None)  # e.g. influence solvers that need full gradients
         if callable(choose):
-            projector = choose(module, self.param_names, projector, self.n_train + self.n_query, self.output)
+            projector = choose(module, self.param_names, projector, self.output)
         self.proj_dim, self.projector_kind, self.seed = proj_dim, projector, seed
         self.batch_size, self.shard_size, self.query_chunk = batch_size, shard_size, query_chunk
         self.collate_fn, self.num_workers = collate_fn, num_workers

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from ..batches import unpack_batch
 from ..gradients import no_attention_fast_path, per_example_gradients
+from ..layers import explicit_attention
 from ..outputs import CrossEntropyLoss
 
 MATRICES = ("hessian", "ggn", "empirical_fisher")
@@ -92,7 +93,8 @@ class ModelFunction:
         was_training = self.module.training
         self.module.eval()
         try:
-            with no_attention_fast_path():   # its nested-tensor kernels cannot run under torch.func transforms
+            # the attention fast path's nested-tensor kernels and the fused attention kernel have no torch.func rules
+            with no_attention_fast_path(), explicit_attention(self.module):
                 return functional_call(bound, {**self.fixed, **self.unflatten(flat)}, (batch,))
         finally:
             self.module.train(was_training)
@@ -215,12 +217,32 @@ class Curvature:
             out = reduce(out)
         return out / self.n_train + V.to(torch.float64) * self.decay.to(V.device)
 
+    def ggn_factors(self, batch: Any) -> Iterable[torch.Tensor]:
+        """(B, p) per-example gradients u_c of the pseudo-outputs sqrt(p_c) (p - e_c)^T z, c = 1..C: sum_c u_c u_c^T is
+        the example's GGN J^T (diag(p) - p p^T) J. C per-example gradient passes instead of p Jacobian products."""
+        fn = self.fn
+        with torch.no_grad():
+            z = fn.logits(fn.theta, batch)
+        prob = torch.softmax(z.double(), dim=-1)
+        eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
+        for c in range(z.shape[-1]):
+            w = (prob[..., c:c + 1].sqrt() * (prob - eye[c])).to(fn.dtype)
+            yield per_example_gradients(lambda t, ex: (fn.logits(t, ex[0]) * ex[1]).sum(), fn.theta, (batch, w))
+
     def dense(self, batches: Iterable[Any], reduce: Callable | None = None) -> torch.Tensor:
-        """The explicit (p, p) float64 matrix M, built from products with identity columns."""
+        """The explicit (p, p) float64 matrix M: from the GGN factors (`ggn_factors`) or the per-example gradients
+        (empirical Fisher), else from products with identity columns (Hessian)."""
         p = self.fn.num_params
         device = self.fn.theta.device
         rows = torch.zeros(p, p, dtype=torch.float64, device=device)
         for batch in batches:
+            if self.matrix != "hessian":
+                factors = (self.ggn_factors(batch) if self.matrix == "ggn"
+                           else [self.fn.per_example_grads(cast_batch(batch, self.fn.dtype))])
+                for U in factors:
+                    U = U.to(torch.float64)
+                    rows += U.T @ U
+                continue
             for lo in range(0, p, self.chunk):
                 hi = min(p, lo + self.chunk)
                 eye = torch.zeros(hi - lo, p, dtype=self.fn.dtype, device=device)

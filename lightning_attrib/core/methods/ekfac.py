@@ -113,15 +113,6 @@ def check_supported(engine: LayerEngine) -> None:
                          "Exclude them with params=, or use solver='projected'.")
 
 
-def unsupported_reason(module: nn.Module, param_names: list[str]) -> str | None:
-    """None when EK-FAC supports every attributed parameter, else why not (for the automatic solver choice)."""
-    try:
-        check_supported(LayerEngine(module, param_names))
-    except ValueError as err:
-        return str(err)
-    return None
-
-
 class EKFAC:
     """Fits the factors and eigenvalue corrections of every `LayerBlock`, then applies (M + lambda I)^-1."""
 

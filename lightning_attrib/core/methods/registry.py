@@ -9,7 +9,7 @@ from .trak import TRAK
 
 METHODS: dict[str, type[FeatureMethod]] = {
     "trak": TRAK,
-    "influence": InfluenceFunction,   # solver="explicit" | "cg" | "lissa" | "ekfac" | "projected"
+    "influence": InfluenceFunction,   # solver="auto" (default) | "explicit" | "cg" | "lissa" | "ekfac" | "projected"
     "tracin": TracIn,
     "grad-dot": GradientDot,
     "grad-cos": GradientCosine,
