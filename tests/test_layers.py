@@ -269,3 +269,17 @@ def test_ekfac_factors_of_every_layer_against_per_example_gradients(case):
         G = b.matrix(flat)
         want = b.U_S @ ((b.U_S.T @ G @ b.U_A) / (b.Lambda + 0.1)) @ b.U_A.T
         torch.testing.assert_close(b.matrix(out), want)
+
+
+def test_on_grad_hooks_see_the_terms_of_an_ordinary_backward():
+    """What GradientCapture needs: terms delivered from the user's own loss.backward() (no extra backward)."""
+    module, batch = _model(_ImageNet), _image_batch()
+    output = resolve_output("loss")
+    engine = LayerEngine(module, [n for n, _ in module.named_parameters()])
+    seen = {}
+    with engine.recording(on_grad=lambda layer, terms: seen.setdefault(layer.name, []).extend(terms)):
+        output(module, batch).sum().backward()
+    ref = _reference_grads(module, output, [n for n, _ in module.named_parameters()], batch)
+    for layer in engine.layers:
+        G = sum(t.gradient(layer.d_out) for t in seen[layer.name])
+        torch.testing.assert_close(G, layer.to_matrix([ref[n] for n in layer.param_names]), msg=layer.name)

@@ -468,11 +468,22 @@ def find_layers(module: nn.Module, param_names: list[str], accept: Callable[[Lay
 
 # -- recording ------------------------------------------------------------------------------------------------
 class Tape:
-    """The records of one hooked forward: (layer, saved input, output to differentiate) per layer call."""
+    """The records of one hooked forward: (layer, saved input, output to differentiate) per layer call.
 
-    def __init__(self):
+    With `on_grad`, every record also gets a tensor hook: whatever backward later reaches the layer's output (e.g.
+    the training step's own `loss.backward()`) calls `on_grad(layer, terms)` with that output gradient's terms.
+    """
+
+    def __init__(self, on_grad: Callable[[Layer, list[Term]], None] | None = None):
         self.records: list[tuple[Layer, Any, torch.Tensor]] = []
         self.batch_size: int | None = None
+        self.on_grad = on_grad
+
+    def add(self, layer: Layer, saved: Any, output: torch.Tensor) -> None:
+        self.records.append((layer, saved, output))
+        if self.on_grad is not None:
+            kind, on_grad = KINDS[layer.kind], self.on_grad
+            output.register_hook(lambda g: on_grad(layer, kind.terms(layer, saved, g.detach())))
 
     def terms(self, scalar: torch.Tensor, retain_graph: bool = False) -> list[tuple[Layer, list[Term]]]:
         """Backward of `scalar` to the recorded outputs -> per record (layer, terms); records off the path are left out."""
@@ -506,9 +517,12 @@ class LayerEngine:
         self._by_module = {id(layer.module): layer for layer in self.layers}
 
     @contextmanager
-    def recording(self) -> Iterator[Tape]:
-        """Eval mode, hooks on every layer, attention forwards patched; all undone on exit."""
-        tape = Tape()
+    def recording(self, on_grad: Callable[[Layer, list[Term]], None] | None = None,
+                  eval_mode: bool = True) -> Iterator[Tape]:
+        """Hooks on every layer, attention forwards patched, eval mode and grad enabled (unless `eval_mode=False`,
+        e.g. inside a training step; norm layers with batch statistics are then not per-example: leave them out with
+        `accept`); all undone on exit. `on_grad`: see `Tape`."""
+        tape = Tape(on_grad)
         was_training = self.module.training
         handles = []
         for layer in self.layers:
@@ -516,7 +530,8 @@ class LayerEngine:
                 handles.append(layer.module.register_forward_hook(self._hook(layer, tape)))
         for mha in self._attention:
             mha.forward = _PatchedAttention(mha, self._by_module.get(id(mha)), tape)
-        self.module.eval()
+        if eval_mode:
+            self.module.eval()
         try:
             with torch.enable_grad():
                 yield tape
@@ -534,7 +549,7 @@ class LayerEngine:
         def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             if not output.requires_grad:
                 return output
-            tape.records.append((layer, kind.record(layer, mod, inputs[0]), output))
+            tape.add(layer, kind.record(layer, mod, inputs[0]), output)
             # the rest of the forward gets a copy, so that an in-place op downstream (ReLU(inplace=True)) cannot
             # rewrite the tensor we differentiate
             return output.clone()
@@ -579,7 +594,7 @@ class _PatchedAttention:
         b = m.in_proj_bias[lo:hi] if m.in_proj_bias is not None else None
         y = F.linear(x, w, b)
         if self.layer is not None and y.requires_grad:
-            self.tape.records.append((self.layer, (x.detach(), lo), y))
+            self.tape.add(self.layer, (x.detach(), lo), y)
         return y
 
     def __call__(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
