@@ -283,3 +283,33 @@ def test_on_grad_hooks_see_the_terms_of_an_ordinary_backward():
     for layer in engine.layers:
         G = sum(t.gradient(layer.d_out) for t in seen[layer.name])
         torch.testing.assert_close(G, layer.to_matrix([ref[n] for n in layer.param_names]), msg=layer.name)
+
+
+class Conv1D(nn.Module):
+    """A stand-in with the layout of HuggingFace GPT-2's Conv1D (recognized by class name and attributes)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+@pytest.mark.parametrize("kind", ["tensorsketch", "factorized", "identity"])
+def test_gpt2_style_conv1d_is_hooked_with_its_transposed_layout(kind):
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(6, 4), nn.Tanh(), Conv1D(3, 6)).double()
+    def output(m, b):   # 3 positions per example, pooled
+        return F.cross_entropy(m(b[0]).mean(1), b[1], reduction="none")
+
+    batch = (torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    proj = make_projector(kind, net, output, None, proj_dim=24, seed=1)
+    assert [la.kind for la in proj.engine.layers] == ["hf_conv1d", "hf_conv1d"] and proj.engine.rest == []
+    if kind == "identity":
+        torch.testing.assert_close(proj(batch), PerExampleGradients(net, output)(batch), rtol=1e-5, atol=1e-6)
+    else:
+        ref = _explicit(proj, net, output, batch)
+        torch.testing.assert_close(proj(batch).double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
