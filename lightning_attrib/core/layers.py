@@ -336,6 +336,9 @@ class NormKind(LayerKind):
     def record(layer, m, x):
         """xhat, the normalized input before the affine map (from the input: no division by the weight)."""
         x = x.detach()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(f"{layer.name!r}: BatchNorm in training mode normalizes with batch statistics, so its "
+                             "examples are not independent; record in eval mode, or leave it out with `accept`")
         if isinstance(m, nn.LayerNorm):
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):

@@ -22,8 +22,9 @@ Solvers (`solver=`, small registered classes in `SOLVERS`, kronfluence-style str
                `describe()` records the choice and why.
 
 * "explicit":  M formed exactly in float64 over the attributed parameters (p <= `max_params`), damped and inverted
-               once (Cholesky; `trak.solve_damped`). Cost O(p^2) memory, p/`rhs_chunk` vmapped Hessian-vector
-               products per training batch, O(p^3) inversion.
+               once (Cholesky; `trak.solve_damped`). Cost O(p^2) memory, O(p^3) inversion, and per training batch:
+               C per-example gradient passes for the GGN (C classes; `Curvature.ggn_factors`), one for the empirical
+               Fisher, p/`rhs_chunk` vmapped Hessian-vector products for the Hessian.
 * "cg":        conjugate gradient on M + lambda I from batched Hessian-vector products over the whole training set,
                per right-hand side (every query, and every training example for self-influence): cost
                ~ iterations x (n_train + n_query) HVPs over the training set, batched `rhs_chunk` at a time.
