@@ -309,3 +309,16 @@ def test_write_result_refuses_non_finite_scores(tmp_path):
     res = write_result(tmp_path, manifest={"excluded": {"train": [2]}}, self_influence=np.ones(4),
                        train_ids=np.arange(4), query_ids=np.arange(2), scores=scores)
     assert res.scores[2, 1] == np.inf and load_results(tmp_path).manifest["files"]["scores.npy"]["size"] > 0
+
+
+def test_attribute_refuses_bad_arguments_before_any_rank_or_file(tmp_path):
+    from lightning_attrib import attribute
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="projector must be one of: 'tensorsketch'.*'identity'.*Got 'sparse'"):
+        attribute(_model(), _data(10), _data(3), out, projector="sparse")
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['proj_dims'\]"):
+        attribute(_model(), _data(10), _data(3), out, proj_dims=8)
+    with pytest.raises(ValueError, match="non_finite must be 'raise'"):
+        attribute(_model(), _data(10), _data(3), out, non_finite="skip")
+    assert not out.exists()

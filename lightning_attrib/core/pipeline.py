@@ -42,7 +42,7 @@ from .projection import FACTORIZED_KINDS, RandomProjector
 from .results import (TOPK_FILES, AttributionResult, ResultStaging, check_finite, load_results,
                       remove_stale_staging)
 from .scoring import FullScoresSink, TopKSink, prefetched
-from .settings import FeatureSettings, check_projector
+from .settings import FeatureSettings
 from .store import FeatureStore, ensure_writable_dir
 
 Progress = Callable[[str, int, int], None]
@@ -140,9 +140,6 @@ class Attributor:
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(method, FeatureMethod):
             raise TypeError(f"method must be a FeatureMethod (e.g. TRAK()), got {type(method).__name__}")
-        if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
-            raise ValueError(f"proj_dim must be a positive integer (e.g. 2048), got {proj_dim!r}")
-        check_projector(projector)
         for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("query_chunk", query_chunk)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -195,6 +192,7 @@ class Attributor:
         if self.method.snapshot_policy == "last":
             snapshots = snapshots[-1:]
         self._check_snapshots_readable(snapshots)
+        self._data_fingerprints.clear()  # the data may have changed since an earlier run() of this Attributor
         lock = self._acquire_lock()
         try:
             return self._run(snapshots, original)

@@ -22,7 +22,7 @@ NON_FINITE_POLICIES = ("raise", "exclude")
 
 def check_projector(kind: object) -> str:
     """`kind` if it names a projector; else a ValueError listing every valid kind."""
-    valid = tuple(FACTORIZED_KINDS) + tuple(k for k in DENSE_KINDS)
+    valid = sorted(set(FACTORIZED_KINDS) | set(DENSE_KINDS), key=lambda k: (list(PROJECTOR_HELP) + [k]).index(k))
     if kind not in valid:
         listing = "; ".join(f"{k!r} ({PROJECTOR_HELP.get(k, '')})" for k in valid)
         raise ValueError(f"projector must be one of: {listing}. Got {kind!r}.")

@@ -232,7 +232,17 @@ class FeatureStore:
                 return f"{path} has {size} bytes, its record says {entry.get('size')} (truncated or overwritten)"
             if file_sha256(path) != entry.get("sha256"):
                 return f"{path} does not match its checksum (corrupted)"
+        self._checked.add(self._file_key(self._shard_path(snapshot, split, shard)))
         return None
+
+    @staticmethod
+    def _file_key(path: Path) -> tuple:
+        """A file's identity for "already checked": path, inode, size, modification time."""
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return str(path), None
+        return str(path), (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def discard_shard(self, snapshot: str, split: str, shard: int) -> None:
         """Forget a shard (it becomes pending): record first, then its files."""
@@ -242,13 +252,7 @@ class FeatureStore:
 
     def _verified(self, snapshot: str, split: str, shard: int) -> None:
         """Check a shard against its record once per process (and again if its file changes); else raise."""
-        path = self._shard_path(snapshot, split, shard)
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            st = None
-        key = (str(path), None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns))
-        if key in self._checked:
+        if self._file_key(self._shard_path(snapshot, split, shard)) in self._checked:
             return
         problem = self.check_shard(snapshot, split, shard)
         if problem:
@@ -256,7 +260,6 @@ class FeatureStore:
                 f"shard {shard} of {snapshot}/{split} in {self.root} is unusable: {problem}. Run attribution again "
                 "with the same out_dir: the shard is recomputed (the others are reused)."
             )
-        self._checked.add(key)
 
     def read_features(self, snapshot: str, split: str, shard: int, mmap: bool = True) -> np.ndarray:
         """(m, k) float32 features of one shard, checked against its record. `mmap=True` maps the file
