@@ -322,3 +322,31 @@ def test_attribute_refuses_bad_arguments_before_any_rank_or_file(tmp_path):
     with pytest.raises(ValueError, match="non_finite must be 'raise'"):
         attribute(_model(), _data(10), _data(3), out, non_finite="skip")
     assert not out.exists()
+
+
+def test_lock_admits_one_writer_at_a_time_across_processes(tmp_path):
+    """Four processes grab the lock repeatedly for 1.5 s: the times they hold it never overlap."""
+    script = (
+        "import importlib.util, json, sys, time\n"
+        "spec = importlib.util.spec_from_file_location('lock', sys.argv[2])\n"  # stdlib only: no torch import
+        "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
+        "OutDirLock, OutDirLockedError = lock.OutDirLock, lock.OutDirLockedError\n"
+        "spans, deadline = [], time.time() + 1.5\n"
+        "while time.time() < deadline:\n"
+        "    try:\n"
+        "        with OutDirLock(sys.argv[1]):\n"
+        "            t0 = time.time(); time.sleep(0.02); spans.append((t0, time.time()))\n"
+        "    except OutDirLockedError:\n"
+        "        pass\n"
+        "print(json.dumps(spans))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    import lightning_attrib.core.lock as lock_module
+
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "run"), lock_module.__file__], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    spans = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(len(s) for s in spans) > 10, [len(s) for s in spans]
+    flat = sorted(tuple(s) for proc in spans for s in proc)
+    assert all(b[0] >= a[1] for a, b in zip(flat, flat[1:]))  # no two holders at once
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -66,16 +66,17 @@ def derive_seed(seed: int, *parts: Any) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
 
 
-def tensor_bytes(t) -> bytes:
-    """The raw bytes of a tensor or array (C order, on the CPU; any dtype, bfloat16 included)."""
+def tensor_bytes(t) -> memoryview:
+    """The raw bytes of a tensor or array (C order, on the CPU; any dtype, bfloat16 included), without a copy
+    when the tensor is already contiguous on the CPU (hashlib reads the buffer directly)."""
     import torch
 
     if isinstance(t, torch.Tensor):
         t = t.detach().cpu().contiguous()
         if t.dtype == torch.bool:
             t = t.to(torch.uint8)
-        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return np.ascontiguousarray(t).tobytes()
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
 class BatchFingerprint:

@@ -56,13 +56,17 @@ class OutDirLock:
         return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "time": time.time()}
 
     def _try_create(self) -> bool:
+        """Create the lock with its content in one step: a hard link of a finished temporary file fails if the lock
+        exists (atomic on POSIX filesystems, NFS included), so no one ever reads a lock file half written."""
+        tmp = self.path.with_name(f".lock.new{os.getpid()}")
+        tmp.write_text(json.dumps(self._record()))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._record(), fh)
-        return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def acquire(self) -> "OutDirLock":
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,7 @@ class OutDirLock:
             _HELD[key] += 1
             self.held = True
             return self
-        for _ in range(20):
+        for _ in range(50):
             if self._try_create():
                 self.held = True
                 _HELD[key] = 1
@@ -81,8 +85,11 @@ class OutDirLock:
             except FileNotFoundError:
                 continue  # released between our two looks: try again
             except (OSError, ValueError):
-                holder = {}  # a lock file cut short by a crash while it was written
+                holder = {}  # not written by this class (or damaged): stale once nobody has touched it for a while
             host, pid = holder.get("host"), holder.get("pid")
+            if not holder and not self._old(self.path):
+                time.sleep(0.1)
+                continue
             if holder and host != socket.gethostname():
                 raise OutDirLockedError(
                     f"{self.what}={str(self.directory)!r} is being written by process {pid} on host {host!r} "
@@ -98,14 +105,18 @@ class OutDirLock:
             self._take_over(holder)
         raise OutDirLockedError(f"could not take the lock {self.path}: other processes keep taking it")
 
+    @staticmethod
+    def _old(path: Path, seconds: float = 10.0) -> bool:
+        try:
+            return time.time() - path.stat().st_mtime > seconds
+        except FileNotFoundError:
+            return True
+
     def _take_over(self, stale: dict) -> None:
         """Remove the stale lock `stale`, unless someone replaced it meanwhile (one taker at a time)."""
         guard = self.path.with_name(".lock.takeover")
-        try:
-            if time.time() - guard.stat().st_mtime > 60:
-                guard.unlink(missing_ok=True)  # a taker that died while taking over
-        except FileNotFoundError:
-            pass
+        if guard.exists() and self._old(guard, 60):
+            guard.unlink(missing_ok=True)  # a taker that died while taking over
         try:
             fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
