@@ -54,6 +54,24 @@ def snapshots_from(source: str | os.PathLike | Sequence[str | os.PathLike | Snap
     return sorted(snaps, key=lambda s: (s.step if s.step is not None else -1, s.name))
 
 
+def _check_attributor_kwargs(kwargs: dict) -> None:
+    """Unknown `Attributor` arguments and invalid feature settings are refused in the calling process, before any
+    rank starts or any file is written (the ranks' `Attributor` checks the rest before writing too)."""
+    import inspect
+
+    from .core.settings import FeatureSettings
+
+    valid = [p for p in inspect.signature(Attributor.__init__).parameters
+             if p not in ("self", "module", "method", "train_dataset", "query_dataset", "out_dir", "dist")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"attribute() got unknown argument(s) {unknown}: it passes these on to Attributor, which "
+                        f"takes {valid}")
+    FeatureSettings(projector=kwargs.get("projector", "tensorsketch"), proj_dim=kwargs.get("proj_dim", 2048),
+                    seed=kwargs.get("seed", 0), output="", normalize=False, params="", num_params=0,
+                    non_finite=kwargs.get("non_finite", "raise"))
+
+
 def _run(fabric, module, method, train_dataset, query_dataset, out_dir, snapshots, kwargs):
     from .distributed import LightningDist
 
@@ -72,6 +90,7 @@ def attribute(module: nn.Module, train_dataset: Dataset, query_dataset: Dataset,
     """
     import lightning as L
 
+    _check_attributor_kwargs(attributor_kwargs)  # before Fabric starts ranks or anything is written
     method_obj = method if isinstance(method, FeatureMethod) else make_method(method, **(method_kwargs or {}))
     snaps = snapshots_from(snapshots) if snapshots is not None else None
     fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes)

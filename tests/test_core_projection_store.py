@@ -114,23 +114,42 @@ def test_non_finite_gradient_names_the_example_and_keeps_finished_shards(tmp_pat
     assert not list(train_dir.glob(".*tmp*"))  # no temporary file left behind
 
 
-def test_store_written_with_other_settings_is_refused(tmp_path):
+def _same_result(a, b):
+    np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores))
+    np.testing.assert_array_equal(a.self_influence, b.self_influence)
+
+
+def test_store_written_with_other_settings_is_recomputed(tmp_path):
+    # issue 12/14: a rerun into the same out_dir with other settings recomputes the features (never raises after
+    # training, never reuses): each result equals a fresh run's, and the warning names what changed
     Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
-    with pytest.raises(StoreMismatchError, match="proj_dim: stored 8 vs now 16"):
-        Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=16).run()
-    with pytest.raises(StoreMismatchError, match="seed: stored 0 vs now 1"):
-        Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8, seed=1).run()
+    with pytest.warns(RuntimeWarning, match="proj_dim: stored 8 vs now 16"):
+        res = Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=16).run()
+    _same_result(res, Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path / "fresh16", proj_dim=16).run())
+    with pytest.warns(RuntimeWarning, match="seed: stored 0 vs now 1"):
+        res = Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=16, seed=1).run()
+    _same_result(res, Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path / "fresh_s1", proj_dim=16,
+                                 seed=1).run())
     other = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    with pytest.raises(StoreMismatchError, match="params"):
-        Attributor(other, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
+    with pytest.warns(RuntimeWarning, match="params"):
+        res = Attributor(other, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
+    _same_result(res, Attributor(other, TRAK(), _data(10), _data(3), tmp_path / "fresh_other", proj_dim=8).run())
 
 
-def test_changed_checkpoint_weights_are_refused(tmp_path):
+def test_changed_checkpoint_weights_are_recomputed(tmp_path):
     model = _model()
     Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=model.state_dict())])
     changed = {k: v + 1 for k, v in model.state_dict().items()}
-    with pytest.raises(StoreMismatchError, match="featurized from other weights"):
-        Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=changed)])
+    with pytest.warns(RuntimeWarning, match="weights changed"):
+        res = Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=changed)])
+    _same_result(res, Attributor(model, TRAK(), _data(10), _data(3), tmp_path / "fresh", proj_dim=8).run(
+        [Snapshot("epoch1", state_dict=changed)]))
+    # a permutation keeps every tensor's sum and sum of squares (the old fingerprint): still recomputed
+    swapped = {k: v.clone() for k, v in changed.items()}
+    swapped["0.weight"] = swapped["0.weight"].flip(0)
+    res = Attributor(model, TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("epoch1", state_dict=swapped)])
+    _same_result(res, Attributor(model, TRAK(), _data(10), _data(3), tmp_path / "fresh_swapped", proj_dim=8).run(
+        [Snapshot("epoch1", state_dict=swapped)]))
 
 
 def test_snapshot_of_another_architecture_is_refused(tmp_path):
@@ -139,10 +158,10 @@ def test_snapshot_of_another_architecture_is_refused(tmp_path):
         Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run([Snapshot("x", state_dict=other)])
 
 
-def test_changed_dataset_is_refused(tmp_path):
+def test_changed_dataset_is_recomputed(tmp_path):
     Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run()
-    with pytest.raises(StoreMismatchError, match="the dataset changed"):
-        Attributor(_model(), TRAK(), _data(12), _data(3), tmp_path, proj_dim=8).run()
+    res = Attributor(_model(), TRAK(), _data(12), _data(3), tmp_path, proj_dim=8).run()
+    _same_result(res, Attributor(_model(), TRAK(), _data(12), _data(3), tmp_path / "fresh", proj_dim=8).run())
 
 
 def test_self_influence_can_be_skipped_and_says_so(tmp_path):
@@ -164,7 +183,7 @@ def test_params_subset_equals_freezing_the_other_parameters(tmp_path):
 def test_each_snapshot_gets_its_own_projection(tmp_path):
     model = _model()
     snaps = [Snapshot(n, state_dict=model.state_dict()) for n in ("a", "b")]  # same weights, two names
-    Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=8).run(snaps)
+    Attributor(_model(), TRAK(), _data(10), _data(3), tmp_path, proj_dim=64, projector="rademacher").run(snaps)
     from lightning_attrib.core import FeatureStore
     from lightning_attrib.core.store import StoreMismatchError  # noqa: F401
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, RandomProjector, Snapshot
-from lightning_attrib.core.pipeline import snapshot_seed
+from lightning_attrib.core.io import derive_seed
 from lightning_attrib.core.outputs import margin_from_logits
 from lightning_attrib.testing import digits_problem, leave_one_out, mean_pearson
 
@@ -60,7 +60,7 @@ def test_trak_equals_bruteforce_reference(tmp_path):
                      score_dtype="float64").run(
         [Snapshot(s.name, state_dict={k2: v.double() for k2, v in s.state_dict.items()}) for s in snaps])
     n_params = sum(p.numel() for p in module.parameters())
-    projs = [RandomProjector(n_params, k, seed=snapshot_seed(3, s.name)) for s in snaps]
+    projs = [RandomProjector(n_params, k, seed=derive_seed(3, s.name)) for s in snaps]
     ref = brute_force_trak(module, [s.state_dict for s in snaps], x_tr, y_tr, x_q, y_q, projs, 0.05)
     rel = np.abs(np.asarray(res.scores) - ref).max() / np.abs(ref).max()
     assert rel < 1e-6, rel

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import Attributor, RandomProjector, Snapshot
-from lightning_attrib.core.pipeline import snapshot_seed
+from lightning_attrib.core.io import derive_seed
 from lightning_attrib.core.methods import (TRAK, GradientCosine, GradientDot, InfluenceFunction, TracIn, make_method)
 from lightning_attrib.data import flip_labels
 from lightning_attrib.testing import digits_problem
@@ -69,7 +69,7 @@ def test_tracin_equals_bruteforce_sum_over_checkpoints(tiny, tmp_path):
     # explicit lr overrides the recorded one; with a random projection the features are P^T g
     res2 = attribute(TracIn(lr=[1.0, 2.0, 3.0]), tiny, tmp_path / "b", snaps, projector="gaussian", proj_dim=8, seed=4)
     n_params = sum(p.numel() for p in tiny_mlp().parameters())
-    Ps = [RandomProjector(n_params, 8, "gaussian", seed=snapshot_seed(4, s.name)).matrix().double() for s in snaps]
+    Ps = [RandomProjector(n_params, 8, "gaussian", seed=derive_seed(4, s.name)).matrix().double() for s in snaps]
     ref2 = sum(lr * (loss_grads(s, x, y) @ P) @ (loss_grads(s, xq, yq) @ P).T
                for s, lr, P in zip(states, [1.0, 2.0, 3.0], Ps))  # each snapshot has its own projection
     np.testing.assert_allclose(res2.scores, ref2.numpy(), rtol=1e-4, atol=1e-5 * ref2.abs().max().item())

@@ -2,15 +2,23 @@
 
 Plain torch: `Attributor` runs in one process with `LocalDist`, or under DDP with any `Dist` (the
 Lightning callback passes its strategy's). Work is split by shard (`shard % world_size == rank`) and by
-query block; the kernel and self-influence are all-reduced; rank 0 assembles and writes the result files.
+query block; the kernel and self-influence are all-reduced; rank 0 assembles and publishes the result files.
+
+Never silently wrong: global rank 0 holds the out_dir lock for the whole run; every finished shard is checked
+against its record (bytes and the fingerprint of the data it came from) before reuse and recomputed when it
+differs; changed settings or weights recompute their features; outputs (TRAK's Q), gradients, kernels, scores and
+self-influence are checked finite (an error naming the example and snapshot, or with `non_finite="exclude"` those
+examples are dropped and listed in the manifest); the result is staged and published as one unit.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +31,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from .batches import move_to
 from .dist import Dist, LocalDist
+from .io import BatchFingerprint, derive_seed, tensor_bytes
+from .lock import OutDirLock, OutDirLockedError
 from .sketch import make_projector
 from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
 from .projection import HOOKED_KINDS, RandomProjector
-from .results import TOPK_FILES, AttributionResult, load_results, save_array, save_json
+from .results import (TOPK_FILES, AttributionResult, ResultStaging, check_finite, load_results,
+                      remove_stale_staging)
 from .scoring import FullScoresSink, TopKSink, prefetched
+from .settings import FeatureSettings
 from .store import FeatureStore, ensure_writable_dir
 
 Progress = Callable[[str, int, int], None]
@@ -62,22 +74,15 @@ class Snapshot:
         return SnapshotInfo(self.name, self.lr, self.step, self.epoch)
 
 
-def snapshot_seed(seed: int, snapshot_name: str) -> int:
-    """The projection seed of one snapshot: a function of (seed, name), so each snapshot gets an independent
-    projection (averaging over snapshots then also averages out projection noise: +0.08 LDS for a 3-model
-    TRAK ensemble of logistic regressions, benchmarks/RESULTS.md) and a resumed run recomputes the same one."""
-    return int.from_bytes(hashlib.sha1(f"{int(seed)}:{snapshot_name}".encode()).digest()[:4], "little")
-
-
 def weights_fingerprint(state_dict: dict) -> str:
-    """A cheap identity of a set of weights: names, shapes and float64 moments of every tensor."""
-    h = hashlib.sha1()
+    """The identity of a set of weights: SHA-256 of every tensor's name, dtype, shape and bytes (a permutation or
+    a single changed weight changes it; about 1 s per 2 GB of weights)."""
+    h = hashlib.sha256()
     for name in sorted(state_dict):
         t = state_dict[name]
-        if not isinstance(t, torch.Tensor):
-            continue
-        d = t.detach().double().cpu()
-        h.update(f"{name}:{tuple(d.shape)}:{d.sum().item():.12e}:{(d * d).sum().item():.12e}".encode())
+        if isinstance(t, torch.Tensor):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+            h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -118,6 +123,10 @@ class Attributor:
             query's k highest (proponents) and k lowest (opponents) scores, computed streaming over the train
             shards without ever holding n_train x n_query (`topk_*.npy`, see `core/results.py`); k larger than
             n_train keeps all n_train, ranked.
+        non_finite: "raise" (default): a NaN/inf in an output (TRAK's Q), gradient, kernel, score or self-influence
+            is an error naming the example and snapshot. "exclude": examples with a non-finite gradient or Q get
+            zero features (no effect on the kernel), NaN scores and self-influence (ranked last everywhere), and are
+            listed in `manifest["excluded"]`.
     """
 
     def __init__(self, module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
@@ -126,13 +135,11 @@ class Attributor:
                  batch_size: int = 64, shard_size: int = 512, query_chunk: int = 1024,
                  collate_fn: Callable | None = None, num_workers: int = 0, dist: Dist | None = None,
                  progress: Progress | None = None, self_influence: bool = True, score_dtype: str = "float32",
-                 top_k: int | None = None):
+                 top_k: int | None = None, non_finite: str = "raise"):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(method, FeatureMethod):
             raise TypeError(f"method must be a FeatureMethod (e.g. TRAK()), got {type(method).__name__}")
-        if not isinstance(proj_dim, int) or isinstance(proj_dim, bool) or proj_dim <= 0:
-            raise ValueError(f"proj_dim must be a positive integer (e.g. 2048), got {proj_dim!r}")
         for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("query_chunk", query_chunk)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -148,8 +155,6 @@ class Attributor:
         self.train_dataset, self.query_dataset = train_dataset, query_dataset
         self.out_dir = Path(out_dir)
         self.dist = dist or LocalDist()
-        if self.dist.rank == 0:
-            ensure_writable_dir(self.out_dir, "out_dir")
         self.output = resolve_output(output_fn, default=method.output)
         self.param_names = select_parameters(module, params)
         choose = getattr(method, "choose_projector", None)  # e.g. influence solvers that need full gradients
@@ -162,18 +167,73 @@ class Attributor:
         self.compute_self_influence = bool(self_influence)
         self.score_dtype = score_dtype
         self.top_k = None if top_k is None else min(top_k, self.n_train)  # more than n_train: all of them, ranked
+        self.settings = self._feature_settings(non_finite)  # validates; before any file is written
         self.timings: dict[str, float] = {}
+        self._data_fingerprints: dict[tuple[str, int], str] = {}  # (split, shard) -> fingerprint, this run's data
+        if self.dist.rank == 0:  # every argument is valid: only now is out_dir created
+            ensure_writable_dir(self.out_dir, "out_dir")
+
+    def _feature_settings(self, non_finite: str) -> FeatureSettings:
+        params = dict(self.module.named_parameters())
+        return FeatureSettings(
+            projector=self.projector_kind, proj_dim=self.proj_dim, seed=self.seed, output=self.output.name,
+            normalize=bool(self.method.normalize_features),
+            params=hashlib.sha1(";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
+            num_params=int(sum(params[n].numel() for n in self.param_names)), non_finite=non_finite,
+        )
 
     # -- public ----------------------------------------------------------------------------------
     def run(self, snapshots: Sequence[Snapshot] | None = None) -> AttributionResult:
-        """Featurize every selected snapshot (resuming), fit, score, write the result files; all ranks return them."""
-        device = self.dist.device
+        """Featurize every selected snapshot (resuming), fit, score, publish the result files; all ranks return them.
+
+        Global rank 0 holds the out_dir lock throughout: a second writer into the same out_dir fails here, before
+        any work."""
         original = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         if not snapshots:
             snapshots = [Snapshot("final", state_dict=original)]
         snapshots = list(snapshots)
         if self.method.snapshot_policy == "last":
             snapshots = snapshots[-1:]
+        self._check_snapshots_readable(snapshots)
+        self._data_fingerprints.clear()  # the data may have changed since an earlier run() of this Attributor
+        lock = self._acquire_lock()
+        try:
+            return self._run(snapshots, original)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _acquire_lock(self) -> OutDirLock | None:
+        """Rank 0 takes the out_dir lock (clearing what killed writers left); every rank learns if it failed."""
+        lock, error = None, None
+        if self.dist.rank == 0:
+            try:
+                lock = OutDirLock(self.out_dir).acquire()
+                remove_stale_staging(self.out_dir)
+                shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
+            except OutDirLockedError as err:
+                error = err
+        failed = self.dist.all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=self.dist.device))
+        if error is not None:
+            raise error
+        if float(failed[0]) > 0:
+            raise OutDirLockedError(f"out_dir={str(self.out_dir)!r} is being written by another run (rank 0 could "
+                                    "not take its lock): wait for it to finish or use another out_dir")
+        return lock
+
+    def _check_snapshots_readable(self, snapshots: list[Snapshot]) -> None:
+        """Every rank must read every snapshot file (rank 0 wrote them; other nodes need a shared filesystem)."""
+        for snap in snapshots:
+            if snap.state_dict is None and snap.path is not None and not os.access(snap.path, os.R_OK):
+                raise FileNotFoundError(
+                    f"rank {self.dist.rank} cannot read snapshot {snap.name!r} at {snap.path}: "
+                    + ("the file does not exist on this node" if not os.path.exists(snap.path) else "permission denied")
+                    + ". On several nodes, put the snapshot directory (CheckpointCapture dirpath) on a filesystem "
+                    "every node mounts, or copy it to the same path on every node."
+                )
+
+    def _run(self, snapshots: list[Snapshot], original: dict) -> AttributionResult:
+        device = self.dist.device
         self.module.to(device)
         try:
             store = self._open_store()
@@ -195,33 +255,34 @@ class Attributor:
             self.module.load_state_dict(original)
         t0 = time.perf_counter()
         stats = self._train_statistics(store, snapshots)
+        self._check_kernels(stats, snapshots)
         self.method.fit(stats)
         self.timings["fit_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         weights = self.method.train_weights()
+        excluded = self._excluded_rows(store, snapshots)
         self_influence = (self._self_influence(store, snapshots, weights) if self.compute_self_influence
                           else np.full(self.n_train, np.nan))
-        self._score_my_queries(store, snapshots, weights)
+        if self.compute_self_influence:
+            self_influence[excluded["train"]] = np.nan
+            check_finite(f"self-influence (snapshots {[s.name for s in snapshots]})", self_influence,
+                         excluded["train"])
+        self._score_my_queries(store, snapshots, weights, excluded)
         self.timings["score_s"] = time.perf_counter() - t0
         self.dist.barrier()
         if self.dist.rank == 0:
-            self._write_results(store, snapshots, self_influence)
+            self._write_results(store, snapshots, self_influence, excluded)
         self.dist.barrier()
-        return load_results(self.out_dir)
+        return load_results(self.out_dir, verify=False)  # just published under our lock: sizes and shapes suffice
 
     # -- featurization ---------------------------------------------------------------------------
     def _store_settings(self) -> dict:
-        params = dict(self.module.named_parameters())
-        settings = {
-            "projector": self.projector_kind, "proj_dim": self.proj_dim if self.projector_kind != "identity" else None,
-            "seed": self.seed, "output": self.output.name, "normalize": self.method.normalize_features,
-            "params": hashlib.sha1(
-                ";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
-            "num_params": int(sum(params[n].numel() for n in self.param_names)),
-        }
-        if self.projector_kind in HOOKED_KINDS:  # which layers are factorized and how k is split among them
-            settings["factorized_layout"] = self._factorized_projector().layout_hash
-        return settings
+        """`FeatureSettings.to_dict()`: the store's settings and the manifest's "features" entry."""
+        if self.projector_kind in HOOKED_KINDS and self.settings.factorized_layout is None:
+            # which layers are factorized and how k is split among them
+            self.settings = dataclasses.replace(self.settings,
+                                                factorized_layout=self._factorized_projector().layout_hash)
+        return self.settings.to_dict()
 
     def _factorized_projector(self, seed: int | None = None):
         return make_projector(self.projector_kind, self.module, self.output, self.param_names, self.proj_dim,
@@ -230,8 +291,8 @@ class Attributor:
     def _open_store(self) -> FeatureStore:
         root = self.out_dir / "features" / self.output.name
         settings = self._store_settings()
-        if self.dist.rank == 0:
-            store = FeatureStore(root, settings, self.shard_size)
+        if self.dist.rank == 0:  # other settings or shard size than the store's: its features are recomputed
+            store = FeatureStore.open(root, settings, self.shard_size)
         self.dist.barrier()
         if self.dist.rank != 0:
             store = FeatureStore(root, settings, self.shard_size, create=False)
@@ -246,12 +307,14 @@ class Attributor:
                 f"snapshot {snap.name!r} does not fit the module ({str(err).splitlines()[0]}): the checkpoints "
                 "belong to another model; pass snapshots of this architecture"
             ) from err
-        if self.dist.rank == 0:
-            store.register_snapshot(snap.name, weights_fingerprint(state))
-            store.create(snap.name, "train", np.arange(self.n_train))
-            store.create(snap.name, "query", np.arange(self.n_query))
+        if self.dist.rank == 0:  # other weights or other example counts than stored: recomputed
+            store.register_snapshot(snap.name, weights_fingerprint(state), replace=True)
+            store.create(snap.name, "train", np.arange(self.n_train), replace=True)
+            store.create(snap.name, "query", np.arange(self.n_query), replace=True)
         self.dist.barrier()
-        seed = snapshot_seed(self.seed, snap.name)  # an independent projection per snapshot (as TRAK's ensembles)
+        # An independent projection per snapshot (as TRAK's ensembles): averaging over snapshots then also averages
+        # out projection noise, and a resumed run recomputes the same one.
+        seed = derive_seed(self.seed, snap.name)
         if self.projector_kind in HOOKED_KINDS:
             # Kronecker-factorized / tensor-sketched features straight from one batched backward: no per-example gradients,
             # no dense projector (`grads(batch)` already returns (B, k) features).
@@ -262,34 +325,43 @@ class Attributor:
                                         device=self.dist.device)
         for split, dataset in (("train", self.train_dataset), ("query", self.query_dataset)):
             n = len(dataset)
+            self._check_finished_shards(store, snap.name, split, dataset)
             mine = [s for s in store.pending_shards(snap.name, split) if s % self.dist.world_size == self.dist.rank]
             for i, shard in enumerate(mine):
                 lo, hi = store.shard_range(shard, n)
-                feats, qw = self._featurize_rows(dataset, lo, hi, grads, projector, f"{split} example", snap.name)
-                store.write_shard(snap.name, split, shard, feats, qw)
+                feats, qw, data, excluded = self._featurize_rows(dataset, lo, hi, grads, projector,
+                                                                 f"{split} example", snap.name)
+                self._data_fingerprints[(split, shard)] = data
+                store.write_shard(snap.name, split, shard, feats, qw, data=data, excluded=excluded)
                 if self.progress:
                     self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
         self.dist.barrier()
 
+    def _shard_loader(self, dataset: Dataset, lo: int, hi: int) -> DataLoader:
+        return DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self.collate_fn, num_workers=self.num_workers)
+
     def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: Callable,
-                        projector: RandomProjector | None, what: str, snap_name: str) -> tuple[np.ndarray, np.ndarray]:
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
-                            collate_fn=self.collate_fn, num_workers=self.num_workers)
+                        projector: RandomProjector | None, what: str, snap_name: str
+                        ) -> tuple[np.ndarray, np.ndarray, str, list[int]]:
+        """Features and loss weights of rows [lo, hi), the fingerprint of the data they came from (hashed from the
+        collated batches as they pass: no second read), and the rows excluded as non-finite."""
+        loader = self._shard_loader(dataset, lo, hi)
         feats, weights, offset = None, np.empty(hi - lo, dtype=np.float32), lo
+        fingerprint, excluded = BatchFingerprint(), []
         was_training = self.module.training
         self.module.eval()
         try:
             for batch in loader:
+                fingerprint.update(batch)
                 batch = move_to(batch, self.dist.device)
                 g = grads(batch)  # (B, p) gradients, or (B, k) features when projector is None (factorized)
-                # fast path: a finite total means every entry is finite (the full check only runs otherwise)
-                bad = (~torch.isfinite(g).all(dim=1)).nonzero() if not torch.isfinite(g.sum()) else []
-                if len(bad):
-                    idx = offset + int(bad[0])
-                    raise ValueError(
-                        f"non-finite gradient for {what} {idx} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
-                        "Check that example and the model's numerics; shards finished so far are kept on disk."
-                    )
+                q = self.output.loss_weight(self.module, batch)
+                bad = self._non_finite_rows(g, q, offset, what, snap_name)
+                if len(bad):  # only with non_finite="exclude": zero features, zero weight, listed
+                    g, q = g.clone(), q.clone()
+                    g[bad], q[bad] = 0, 0
+                    excluded.extend(offset + int(b) for b in bad)
                 f = projector(g) if projector is not None else g
                 if self.method.normalize_features:
                     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -297,14 +369,84 @@ class Attributor:
                     feats = np.empty((hi - lo, f.shape[1]), dtype=np.float32)
                 rows = slice(offset - lo, offset - lo + f.shape[0])
                 feats[rows] = f.cpu().numpy()
-                weights[rows] = self.output.loss_weight(self.module, batch).cpu().numpy()
+                weights[rows] = q.cpu().numpy()
                 offset += g.shape[0]
         finally:
             self.module.train(was_training)
         if offset != hi:
             raise ValueError(f"the data loader gave {offset - lo} {what}s for rows [{lo}, {hi}): the dataset's __len__ "
                              "and its items disagree")
-        return feats, weights
+        return feats, weights, fingerprint.hexdigest(), excluded
+
+    def _non_finite_rows(self, g: torch.Tensor, q: torch.Tensor, offset: int, what: str, snap_name: str) -> list[int]:
+        """Rows of a batch whose gradient or loss weight (TRAK's Q, from the outputs) is NaN/inf: an error naming
+        the first, or (non_finite="exclude") their positions in the batch."""
+        # fast path: a finite total means every entry is finite (the full check only runs otherwise)
+        if torch.isfinite(g.sum()) and torch.isfinite(q.sum()):
+            return []
+        bad_g = ~torch.isfinite(g).all(dim=1)
+        bad = (bad_g | ~torch.isfinite(q)).nonzero().flatten().tolist()
+        if self.settings.non_finite == "exclude":
+            return bad
+        idx = bad[0]
+        which = ("gradient" if bool(bad_g[idx]) else
+                 f"output (loss weight Q = {float(q[idx])} of output {self.output.name!r}: a NaN/inf logit or output)")
+        raise ValueError(
+            f"non-finite {which} for {what} {offset + idx} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
+            "Check that example and the model's numerics, or pass non_finite='exclude' to drop such examples "
+            "(listed in the manifest); shards finished so far are kept on disk."
+        )
+
+    def _check_finished_shards(self, store: FeatureStore, snap: str, split: str, dataset: Dataset) -> None:
+        """Reuse a finished shard of mine only if its bytes match its record and its data fingerprint matches this
+        run's data (re-read through the loader, no forward pass); otherwise discard it, saying why."""
+        n = len(dataset)
+        for shard in range(store.num_shards(n)):
+            if shard % self.dist.world_size != self.dist.rank or not store.is_done(snap, split, shard):
+                continue
+            problem = store.check_shard(snap, split, shard)
+            if problem is None and store.record(snap, split, shard).get("data") != self._data_fingerprint(
+                    dataset, split, shard, *store.shard_range(shard, n)):
+                problem = "its examples (inputs, targets or their order) differ from this run's"
+            if problem:
+                warnings.warn(f"recomputing shard {shard} of {snap}/{split} in {store.root}: {problem}",
+                              RuntimeWarning, stacklevel=2)
+                store.discard_shard(snap, split, shard)
+
+    def _data_fingerprint(self, dataset: Dataset, split: str, shard: int, lo: int, hi: int) -> str:
+        """This run's fingerprint of rows [lo, hi) (cached: computed once per run, whatever the snapshots)."""
+        key = (split, shard)
+        if key not in self._data_fingerprints:
+            fingerprint = BatchFingerprint()
+            for batch in self._shard_loader(dataset, lo, hi):
+                fingerprint.update(batch)
+            self._data_fingerprints[key] = fingerprint.hexdigest()
+        return self._data_fingerprints[key]
+
+    def _excluded_rows(self, store: FeatureStore, snapshots: list[Snapshot]) -> dict[str, list[int]]:
+        """Train / query rows excluded as non-finite at any snapshot (from the shard records), on every rank."""
+        out = {}
+        for split, n in (("train", self.n_train), ("query", self.n_query)):
+            mask = torch.zeros(n, dtype=torch.float64, device=self.dist.device)
+            if self.settings.non_finite == "exclude":
+                for snap in snapshots:
+                    for s in range(store.num_shards(n)):
+                        if s % self.dist.world_size == self.dist.rank:
+                            mask[store.record(snap.name, split, s).get("excluded", [])] = 1
+                mask = self.dist.all_reduce_sum(mask)
+            out[split] = mask.nonzero().flatten().cpu().tolist()
+        return out
+
+    def _check_kernels(self, stats: TrainStatistics, snapshots: list[Snapshot]) -> None:
+        """Kernels and mean loss weights must be finite (named by snapshot) before any inverse is taken."""
+        for c, kernel in enumerate(stats.kernels or []):
+            if not torch.isfinite(kernel).all():
+                raise ValueError(f"the feature kernel of snapshot {snapshots[c].name!r} is not finite (features too "
+                                 "large for float64?): check the model's numerics at that snapshot")
+        if stats.loss_weight is not None and not torch.isfinite(stats.loss_weight).all():
+            row = int((~torch.isfinite(stats.loss_weight)).nonzero()[0])
+            raise ValueError(f"non-finite mean loss weight for train example {row}: its outputs are NaN/inf at some "
+                             "snapshot")
 
     def _model_context(self, store: FeatureStore, index: int, snap: Snapshot) -> ModelContext:
         """What `method.prepare` sees (see `methods/context.py`): module at `snap`'s weights, training data, features."""
@@ -382,7 +524,8 @@ class Attributor:
     def _topk_part_path(self, rank: int) -> Path:
         return self.out_dir / ".parts" / f"topk-rank{rank:04d}.npz"
 
-    def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None) -> None:
+    def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None,
+                          excluded: dict[str, list[int]]) -> None:
         """Scores of my query block, streamed over the train shards, into this rank's part file: the full
         columns, or with `top_k` each query's running top k (never n_train x n_query in memory)."""
         q_lo, q_hi = self._query_block()
@@ -390,7 +533,7 @@ class Attributor:
             (self.out_dir / ".parts").mkdir(exist_ok=True)
         self.dist.barrier()
         device, dtype = self.dist.device, SCORE_DTYPES[self.score_dtype]
-        sink = (TopKSink(self._topk_part_path(self.dist.rank), self.top_k) if self.top_k
+        sink = (TopKSink(self._topk_part_path(self.dist.rank), self.top_k, excluded["train"]) if self.top_k
                 else FullScoresSink(self._part_path(self.dist.rank), self.n_train, q_lo, q_hi))
         w = weights.to(device, dtype) if weights is not None else None
         chunks = list(range(q_lo, q_hi, self.query_chunk))
@@ -412,35 +555,56 @@ class Attributor:
                         block.addmm_(f, queries[c])
                 if w is not None:
                     block *= w[lo:hi, None]
+                if not torch.isfinite(block.sum()):
+                    self._raise_non_finite_scores(block, lo, c_lo, snapshots, excluded)
                 sink.add(lo, block)
             if self.progress:
                 self.progress("score", i + 1, len(chunks))
         sink.close()
 
     @staticmethod
+    def _raise_non_finite_scores(block: torch.Tensor, lo: int, c_lo: int, snapshots: list[Snapshot],
+                                 excluded: dict[str, list[int]]) -> None:
+        bad = ~torch.isfinite(block)
+        bad[[r - lo for r in excluded["train"] if lo <= r < lo + block.shape[0]]] = False
+        bad[:, [q - c_lo for q in excluded["query"] if c_lo <= q < c_lo + block.shape[1]]] = False
+        if bad.any():
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"non-finite score ({float(block[i, j])}) of train example {lo + i} for query {c_lo + j} "
+                             f"(snapshots {[s.name for s in snapshots]}): the features or the fitted method's inverse "
+                             "overflow; check the damping and the model's numerics")
+
+    @staticmethod
     def _read_train_shard(store: FeatureStore, snapshots: list[Snapshot], shard: int) -> list[np.ndarray]:
         """One train shard's features at every snapshot, read into memory (this runs in the prefetch thread)."""
         return [store.read_features(s.name, "train", shard, mmap=False) for s in snapshots]
 
-    def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray) -> None:
-        stale = ("scores.npy",) if self.top_k else TOPK_FILES  # the other kind's files from an earlier run here
-        for name in stale:
-            (self.out_dir / name).unlink(missing_ok=True)
-        if self.top_k:
-            self._assemble_topk()
-        else:
-            self._assemble_scores()
-        shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
-        save_array(self.out_dir / "self_influence.npy", self_influence.astype(np.float32))
-        save_array(self.out_dir / "train_ids.npy", store.ids(snapshots[0].name, "train"))
-        save_array(self.out_dir / "query_ids.npy", store.ids(snapshots[0].name, "query"))
-        save_json(self.out_dir / "manifest.json", {
+    def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray,
+                       excluded: dict[str, list[int]]) -> None:
+        """Assemble the ranks' parts into a staging directory and publish it as one unit (`ResultStaging`)."""
+        staging = ResultStaging(self.out_dir)
+        try:
+            if self.top_k:
+                self._assemble_topk(staging, excluded)
+            else:
+                self._assemble_scores(staging, excluded)
+            staging.save("self_influence.npy", self_influence.astype(np.float32))
+            staging.save("train_ids.npy", store.ids(snapshots[0].name, "train"))
+            staging.save("query_ids.npy", store.ids(snapshots[0].name, "query"))
+            staging.publish(self._manifest(store, snapshots, excluded))
+        finally:
+            staging.discard()
+            shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
+
+    def _manifest(self, store: FeatureStore, snapshots: list[Snapshot], excluded: dict[str, list[int]]) -> dict:
+        return {
             "lightning_attrib_version": __version__,
             **self.method.describe(),
             "output": self.output.name,
             "projector": self.projector_kind, "proj_dim": self._feature_dim(store, snapshots[0]), "seed": self.seed,
             "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
-            "num_params": self._store_settings()["num_params"],
+            "num_params": self.settings.num_params,
+            "features": self._store_settings(),
             "n_train": self.n_train, "n_query": self.n_query,
             "snapshots": [vars(s.info) for s in snapshots],
             "world_size": self.dist.world_size,
@@ -448,34 +612,44 @@ class Attributor:
             "self_influence_computed": self.compute_self_influence,
             "score_dtype": self.score_dtype,
             "top_k": self.top_k,
+            "non_finite": self.settings.non_finite,
+            "excluded": excluded,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
-        })
+        }
 
     def _query_bounds(self) -> np.ndarray:
         """Query block boundaries: rank r scores queries [bounds[r], bounds[r + 1])."""
         return np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
 
-    def _assemble_scores(self) -> None:
-        """scores.npy from the ranks' column blocks (one rank: its part is the matrix)."""
-        scores_path = self.out_dir / "scores.npy"
+    def _assemble_scores(self, staging: ResultStaging, excluded: dict[str, list[int]]) -> None:
+        """scores.npy (staged) from the ranks' column blocks (one rank: its part is the matrix); excluded train rows
+        and query columns are NaN."""
+        scores_path = staging.path("scores.npy")
         if self.dist.world_size == 1:
             os.replace(self._part_path(0), scores_path)
-            return
-        scores = np.lib.format.open_memmap(self.out_dir / "scores.tmp.npy", mode="w+", dtype=np.float32,
-                                           shape=(self.n_train, self.n_query))
-        bounds = self._query_bounds()
-        for r in range(self.dist.world_size):
-            if bounds[r + 1] > bounds[r]:
-                part = np.load(self._part_path(r), mmap_mode="r")
-                for lo in range(0, self.n_train, 4096):
-                    scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
-        scores.flush()
-        del scores
-        os.replace(self.out_dir / "scores.tmp.npy", scores_path)
+            scores = np.load(scores_path, mmap_mode="r+") if excluded["train"] or excluded["query"] else None
+        else:
+            scores = np.lib.format.open_memmap(scores_path, mode="w+", dtype=np.float32,
+                                               shape=(self.n_train, self.n_query))
+            bounds = self._query_bounds()
+            for r in range(self.dist.world_size):
+                if bounds[r + 1] > bounds[r]:
+                    part = np.load(self._part_path(r), mmap_mode="r")
+                    for lo in range(0, self.n_train, 4096):
+                        scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
+        if scores is not None:
+            scores[excluded["train"]] = np.nan
+            scores[:, excluded["query"]] = np.nan
+            scores.flush()
+            del scores
 
-    def _assemble_topk(self) -> None:
-        """topk_*.npy from the ranks' query blocks, stacked in rank (= query) order."""
+    def _assemble_topk(self, staging: ResultStaging, excluded: dict[str, list[int]]) -> None:
+        """topk_*.npy (staged) from the ranks' query blocks, stacked in rank (= query) order; excluded queries
+        get NaN scores."""
         parts = [np.load(self._topk_part_path(r)) for r in range(self.dist.world_size)]
         for name in TOPK_FILES:
-            save_array(self.out_dir / name, np.concatenate([p[Path(name).stem] for p in parts]))
+            array = np.concatenate([p[Path(name).stem] for p in parts])
+            if name.endswith("_scores.npy") and excluded["query"]:
+                array[excluded["query"]] = np.nan
+            staging.save(name, array)

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .io import atomic_write_bytes
 
 
 def prefetched(load: Callable[[Any], Any], items: Sequence) -> Iterator:
@@ -83,18 +85,27 @@ class RunningTopK:
 
 
 class TopKSink:
-    """Keeps each query's top-k proponents and opponents over the streamed blocks; writes this rank's part."""
+    """Keeps each query's top-k proponents and opponents over the streamed blocks; writes this rank's part.
+    Train rows in `exclude` (non-finite examples) never enter either list while others remain."""
 
-    def __init__(self, path: Path, k: int):
+    def __init__(self, path: Path, k: int, exclude: Sequence[int] = ()):
         self.path, self.k = path, k
+        self.exclude = np.asarray(sorted(exclude), dtype=np.int64)
         self.chunks: list[tuple[RunningTopK, RunningTopK]] = []
 
     def begin(self, c_lo: int, c_hi: int) -> None:
         self.chunks.append((RunningTopK(self.k, largest=True), RunningTopK(self.k, largest=False)))
 
     def add(self, lo: int, block: torch.Tensor) -> None:
-        for running in self.chunks[-1]:
-            running.update(lo, block)
+        rows = self.exclude[(self.exclude >= lo) & (self.exclude < lo + block.shape[0])] - lo
+        best, worst = self.chunks[-1]
+        if len(rows):
+            rows = torch.from_numpy(rows).to(block.device)
+            best.update(lo, block.index_fill(0, rows, float("-inf")))
+            worst.update(lo, block.index_fill(0, rows, float("inf")))
+        else:
+            best.update(lo, block)
+            worst.update(lo, block)
 
     def close(self) -> None:
         """One .npz with the four `topk_*` arrays of this rank's queries (keys: the file names without .npy)."""
@@ -104,9 +115,9 @@ class TopKSink:
         for side in ("proponents", "opponents"):
             arrays[f"topk_{side}"] = _stack(rows[side], self.k, np.int64)
             arrays[f"topk_{side}_scores"] = _stack(vals[side], self.k, np.float32)
-        tmp = self.path.with_name(self.path.stem + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.path)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self.path, buffer.getvalue())
 
 
 def _stack(parts: list[torch.Tensor], k: int, dtype) -> np.ndarray:
