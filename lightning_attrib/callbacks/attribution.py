@@ -131,10 +131,10 @@ class AttributionCallback(Callback):
 
             ensure_writable_dir(self.out_dir, "AttributionCallback(out_dir)")
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Before the first training step: run the attribution path on a few examples (every rank, locally), then
         log the attribution settings as hyperparameters to the trainer's loggers (rank 0)."""
-        if trainer.global_step == 0 and self.check_before_fit:
+        if self.check_before_fit:
             train_ds, collate = self._train_data(trainer)
             query_ds, _ = self._query_data(trainer)
             method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)

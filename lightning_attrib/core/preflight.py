@@ -96,6 +96,11 @@ def check_dataset(dataset: Any, what: str, fix: str) -> int:
 
 def warn_if_augmented(dataset: Dataset, what: str) -> bool:
     """Warn (naming the fix) when reads of the same example differ; returns whether they did."""
+    try:
+        if len(dataset) == 0:
+            return False
+    except TypeError:
+        return False
     with _kept_random_state():
         differ = reads_differ(dataset, 0)
     if differ:
@@ -159,7 +164,7 @@ def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, 
                     try:
                         output.check(module, batch)
                     except Exception as err:
-                        _raise(err, f"the {split} targets")
+                        _raise(err, f"reading {split} examples, running the module on them and checking their targets")
             finally:
                 module.train(was_training)
         # 2. the real pipeline on a few examples, into a directory that is deleted afterwards
