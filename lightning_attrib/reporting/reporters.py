@@ -43,12 +43,12 @@ class WandbReporter(LoggerReporter):
         run.summary["attrib/output"] = result.manifest.get("output")
         run.summary["attrib/damping"] = result.manifest.get("damping")
         run.summary["attrib/out_dir"] = str(result.out_dir)
-        show = _Cells(wandb, to_image, to_display, log_images)
         if train_ds is not None:
-            payload["attrib/suspects"] = self._suspects_table(result, train_ds, train_pred, truth, show, num_suspects)
+            payload["attrib/suspects"] = self._suspects_table(result, train_ds, train_pred, truth, to_image,
+                                                              log_images, num_suspects, to_display)
         if train_ds is not None and query_ds is not None:
-            payload["attrib/query_gallery"] = self._gallery_table(result, train_ds, query_ds, query_pred, show,
-                                                                  num_gallery_queries, gallery_k)
+            payload["attrib/query_gallery"] = self._gallery_table(result, train_ds, query_ds, query_pred, to_image,
+                                                                  log_images, num_gallery_queries, gallery_k, to_display)
         if leakage is not None:
             from .analyses import leakage_table
 
@@ -60,9 +60,10 @@ class WandbReporter(LoggerReporter):
             artifact.add_file(str(result.out_dir / name))
         run.log_artifact(artifact)
 
-    def _suspects_table(self, result, train_ds, pred, truth, show, k):
+    def _suspects_table(self, result, train_ds, pred, truth, to_image, log_images, k, to_display=None):
         import wandb
 
+        show = _Cells(wandb, to_image, to_display, log_images)
         order = np.argsort(-result.self_influence, kind="stable")[:k]
         ids, values = result.suspects(k)
         show.decide(train_ds, order[:1])
@@ -75,9 +76,11 @@ class WandbReporter(LoggerReporter):
             table.add_data(*(row + ([bool(truth[pos])] if truth is not None else [])))
         return table
 
-    def _gallery_table(self, result, train_ds, query_ds, query_pred, show, n_queries, k):
+    def _gallery_table(self, result, train_ds, query_ds, query_pred, to_image, log_images, n_queries, k,
+                       to_display=None):
         import wandb
 
+        show = _Cells(wandb, to_image, to_display, log_images)
         k = min(k, result.top_k or k, len(result.train_ids))  # a top-k result answers for up to its k
         show.decide(query_ds, [0])
         cols = ["query_id", f"query_{show.column}", "label", "predicted"]
