@@ -244,3 +244,29 @@ def test_regression_scores_match_exact_ridge_leave_one_out(tmp_path):
     assert r >= 0.9, r
     # self-influence ranks the corrupted targets first
     assert set(np.argsort(-res.self_influence)[:6]) == set(range(6))
+
+
+class NestedBatches(nn.Module):
+    """Batches no reader understands; the module says how to read them with its one hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def attribution_step(self, batch):
+        return self(batch["features"]["a"]), batch["target"]["cls"]
+
+
+def test_attribution_step_hook_takes_over_reading():
+    module = NestedBatches()
+    x, y = torch.randn(B, 5), torch.randint(0, 3, (B,))
+    batch = {"features": {"a": x}, "target": {"cls": y}}
+    for kind in ("margin", "loss"):
+        out = resolve_output(kind, module=module, sample=batch)
+        assert out.name == f"attribution_step.{kind}" and isinstance(out.task, MultiClass)
+        ref = resolve_output(kind, module=module.net, sample=(x, y))
+        torch.testing.assert_close(PerExampleGradients(module, out)(batch), PerExampleGradients(module.net, ref)((x, y)))
+        torch.testing.assert_close(out.loss_weight(module, batch), ref.loss_weight(module.net, (x, y)))

@@ -8,9 +8,11 @@ from .pipeline import Attributor, Snapshot, weights_fingerprint
 from .projection import RandomProjector
 from .results import AttributionResult, load_results
 from .store import FeatureStore, StoreMismatchError
+from .tasks import CustomOutput, Task, TaskConfigError, TaskOutput
 
 __all__ = [
-    "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "Dist", "FeatureMethod",
+    "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "CustomOutput", "Dist",
+    "FeatureMethod", "Task", "TaskConfigError", "TaskOutput",
     "FactorizedProjector", "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
     "Snapshot",
     "StoreMismatchError", "TRAK", "TorchDist", "load_results", "resolve_output", "select_parameters",
