@@ -6,7 +6,8 @@ are flipped; the script prints how well self-influence finds them (AUROC) next t
 
     python examples/text_transformer.py        # about 1 min on 2 CPU cores
 
-The data: sentences of random filler words with a few sentiment words; the label says which kind is in the majority.
+The data: sentences of random filler words with 2-4 words of one sentiment and 0-1 of the other; the label says
+which kind is in the majority.
 """
 import time
 
@@ -29,8 +30,8 @@ def make_sentences(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
     for i in range(n):
         length = int(torch.randint(8, 21, (1,), generator=g))
         words = torch.randint(11, VOCAB, (length,), generator=g)
-        n_pos, n_neg = torch.randint(0, 4, (2,), generator=g).tolist()
-        n_pos += n_pos == n_neg  # no ties
+        major, minor = int(torch.randint(2, 5, (1,), generator=g)), int(torch.randint(0, 2, (1,), generator=g))
+        n_pos, n_neg = (major, minor) if torch.rand(1, generator=g) < 0.5 else (minor, major)
         slots = torch.randperm(length, generator=g)[:n_pos + n_neg]
         words[slots[:n_pos]] = torch.randint(1, 6, (n_pos,), generator=g)
         words[slots[n_pos:]] = torch.randint(6, 11, (len(slots) - n_pos,), generator=g)
@@ -50,7 +51,7 @@ class Sentences(Dataset):
 
 
 class TextClassifier(L.LightningModule):
-    def __init__(self, d_model: int = 32, lr: float = 3e-3):
+    def __init__(self, d_model: int = 32, lr: float = 1e-3):
         super().__init__()
         self.lr = lr
         self.embed = nn.Embedding(VOCAB, d_model, padding_idx=PAD)
