@@ -170,6 +170,13 @@ def test_ekfac_with_an_unsupported_layer(tmp_path):
     fails_before_training(tmp_path, model, cb, train, val, ValueError, "EK-FAC")
 
 
+def test_mislabeled_mask_of_the_wrong_length(tmp_path):
+    train, val = digits()
+    cb = AttributionCallback(proj_dim=8, out_dir=tmp_path / "attrib", mislabeled=np.zeros(39, dtype=bool))
+    fails_before_training(tmp_path, LitClassifier(arch="logreg"), cb, train, val, ValueError,
+                          r"mislabeled mask has shape \(39,\), expected \(40,\): one flag per training example")
+
+
 def test_params_selecting_nothing(tmp_path):
     train, val = digits()
     cb = AttributionCallback(proj_dim=8, params=["decoder."], out_dir=tmp_path / "attrib")

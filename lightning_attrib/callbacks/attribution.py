@@ -140,6 +140,8 @@ class AttributionCallback(Callback):
             method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
             for what, ds in (("train_dataset", train_ds), ("query_dataset", query_ds)):
                 warn_if_augmented(ds, what)
+            if train_ds is not None and hasattr(train_ds, "__len__"):
+                self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
             self.preflight_report = preflight(
                 pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
                 device=pl_module.device, **self._attributor_kwargs())
