@@ -120,7 +120,7 @@ def test_unreadable_batches_ask_for_output_fn(tmp_path):
         trainer(tmp_path, [cb], max_epochs=1).fit(OpaqueModule(arch="logreg"), DataLoader(OpaqueBatches(), batch_size=4),
                                                   DataLoader(OpaqueBatches(), batch_size=4))
     # with an output function it works
-    cb = AttributionCallback(proj_dim=8, out_dir=tmp_path / "b",
+    cb = AttributionCallback(proj_dim=8, out_dir=tmp_path / "b", method_kwargs={"use_q": False},
                              output_fn=lambda m, b: m(b["pixels"]).gather(1, b["cls"].view(-1, 1)).squeeze(1))
     trainer(tmp_path, [cb], max_epochs=1).fit(OpaqueModule(arch="logreg"), DataLoader(OpaqueBatches(), batch_size=4),
                                               DataLoader(OpaqueBatches(), batch_size=4))

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from ..core.batches import BatchFormatError, unpack_batch
 from ..core.methods import FeatureMethod, make_method
-from ..core.outputs import OutputFunction
+from ..core.preflight import PreflightReport, preflight, warn_if_augmented
+from ..core.tasks import OutputFunction, Task, TaskOutput
 from ..core.pipeline import Attributor
 from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
@@ -32,9 +32,16 @@ class AttributionCallback(Callback):
         method_kwargs: arguments for the method (e.g. `{"damping_ratio": 0.5}`, `{"solver": "cg"}`).
         proj_dim: random projection dimension k.
         out_dir: directory for the feature store and the result files (`load_results(out_dir)` reads them).
-        train_dataset: defaults to the dataset `fit` trained on, re-read in index order without shuffling.
-        query_dataset: defaults to the (first) validation dataset.
-        output_fn: `(module, batch) -> per-example scalar`; needed when batches are not `(x, y)` / obvious dicts.
+        train_dataset: defaults to `datamodule.attribution_dataset("train")` when the DataModule defines it, else
+            the dataset `fit` trained on, re-read in index order without shuffling. Pass (or return from the hook)
+            an un-augmented view of the same examples when `__getitem__` applies random augmentation.
+        query_dataset: defaults to `datamodule.attribution_dataset("query")`, else the (first) validation dataset.
+        collate_fn: collate function for `train_dataset` / `query_dataset`; default: the fit loaders' own.
+        output_fn: what is attributed. Default: chosen from the batches, the module's output and the targets
+            (multi-class, binary/multi-label, regression, causal/masked LM; see `core/tasks.py`), or from the
+            module's own `attribution_step(self, batch) -> (prediction, target)` when it defines one. Also: a task
+            name ("regression", "logistic", "multiclass", "causal-lm", "masked-lm"), a `core.tasks.Task`, an
+            `OutputFunction`, or `CustomOutput(fn, loss_weight=...)` (a plain callable must say its Q for TRAK).
         params: parameter names/prefixes to attribute through (default: all trainable).
         projector, seed: projection kind and its seed: "tensorsketch" (default: count sketches from layer hooks,
             no per-example gradients; as accurate as a dense projection, see benchmarks/RESULTS.md),
@@ -44,6 +51,13 @@ class AttributionCallback(Callback):
             `train_dataset.flipped` when present); enables mislabel-detection metrics.
         num_suspects, num_gallery_queries, gallery_k: sizes of the reported tables.
         to_image: `x -> HxW(xC) array` for W&B images (default: square-reshape of flat inputs, or CHW/HW tensors).
+        to_display: `example -> str | number` for table cells of examples that are not images (default: the
+            example's values as text; token ids as a list).
+        keep_features: False removes `out_dir/features` (the feature store) after a successful run; the result
+            files stay. A later run into the same out_dir then recomputes the features.
+        check_before_fit: run the whole attribution path on two training and two query examples at the initial
+            weights before the first training step (`core/preflight.py`), so that configuration errors surface
+            before training; writes nothing to `out_dir`.
         log_images: build W&B tables with images.
         leakage: also rank suspected train-test duplicate pairs (`analysis.detect_leakage`): `leakage.json` in
             `out_dir`, the flag count as a scalar and, on W&B, a table with both images side by side.
@@ -61,7 +75,9 @@ class AttributionCallback(Callback):
                  batch_size: int = 64, shard_size: int = 512, mislabeled: Sequence[bool] | np.ndarray | None = None,
                  num_suspects: int = 50, num_gallery_queries: int = 8, gallery_k: int = 5,
                  to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False,
-                 top_k: int | None = None):
+                 top_k: int | None = None, collate_fn: Callable | None = None,
+                 to_display: Callable[[Any], Any] | None = None, keep_features: bool = True,
+                 check_before_fit: bool = True):
         super().__init__()
         if isinstance(method, str):
             make_method(method, **(method_kwargs or {}))  # validates name and arguments now, not after training
@@ -74,8 +90,16 @@ class AttributionCallback(Callback):
         for name, ds in (("train_dataset", train_dataset), ("query_dataset", query_dataset)):
             if ds is not None and not hasattr(ds, "__len__"):
                 raise TypeError(f"{name} must be a map-style dataset with __len__, got {type(ds).__name__}")
-        if output_fn is not None and not (callable(output_fn) or isinstance(output_fn, str)):
-            raise TypeError("output_fn must be 'margin', 'loss' or a callable (module, batch) -> per-example scalar")
+        if output_fn is not None and not (callable(output_fn) or isinstance(output_fn, (str, Task))):
+            raise TypeError("output_fn must be 'margin', 'loss', a task name, a Task or a callable (module, batch) -> "
+                            "per-example scalar")
+        if isinstance(method, str) and output_fn is not None:
+            from ..core.tasks import resolve_output
+
+            resolve_output(output_fn, method=make_method(method, **(method_kwargs or {})))  # Q known? names valid?
+        for name, fn in (("collate_fn", collate_fn), ("to_display", to_display), ("to_image", to_image)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         for name, val in (("batch_size", batch_size), ("shard_size", shard_size), ("num_suspects", num_suspects)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -93,6 +117,9 @@ class AttributionCallback(Callback):
         self.mislabeled = None if mislabeled is None else np.asarray(mislabeled, dtype=bool)
         self.num_suspects, self.num_gallery_queries, self.gallery_k = num_suspects, num_gallery_queries, gallery_k
         self.to_image, self.log_images, self.leakage = to_image, log_images, leakage
+        self.collate_fn, self.to_display = collate_fn, to_display
+        self.keep_features, self.check_before_fit = bool(keep_features), bool(check_before_fit)
+        self.preflight_report: PreflightReport | None = None
         self.leakage_report = None
         self.result: AttributionResult | None = None
         self.metrics: dict[str, float] = {}
@@ -104,25 +131,59 @@ class AttributionCallback(Callback):
 
             ensure_writable_dir(self.out_dir, "AttributionCallback(out_dir)")
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first training step: run the attribution path on a few examples (every rank, locally), then
+        log the attribution settings as hyperparameters to the trainer's loggers (rank 0)."""
+        if self.check_before_fit:
+            train_ds, collate = self._train_data(trainer)
+            query_ds, _ = self._query_data(trainer)
+            method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
+            for what, ds in (("train_dataset", train_ds), ("query_dataset", query_ds)):
+                warn_if_augmented(ds, what)
+            if train_ds is not None and hasattr(train_ds, "__len__"):
+                self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
+            self.preflight_report = preflight(
+                pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
+                device=pl_module.device, **self._attributor_kwargs())
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"attribution": self.settings()})
+
+    def settings(self) -> dict[str, Any]:
+        """The attribution settings (what the W&B config and the other loggers' hyperparameters record)."""
+        method = self.method if isinstance(self.method, str) else getattr(self.method, "name", type(self.method).__name__)
+        out = self.output_fn if isinstance(self.output_fn, (str, type(None))) else getattr(
+            self.output_fn, "name", getattr(self.output_fn, "__name__", type(self.output_fn).__name__))
+        s = {"method": method, "method_kwargs": dict(self.method_kwargs), "proj_dim": self.proj_dim,
+             "projector": self.projector, "seed": self.seed, "out_dir": str(self.out_dir), "output_fn": out or "auto",
+             "params": self.params if isinstance(self.params, (list, tuple, str, type(None))) else "callable",
+             "batch_size": self.batch_size, "shard_size": self.shard_size, "top_k": self.top_k,
+             "keep_features": self.keep_features}
+        if self.preflight_report is not None:
+            s["output"] = self.preflight_report.output
+            s["task"] = {k: v for k, v in self.preflight_report.output_details.items() if v is not None}
+            s["feature_dim"] = self.preflight_report.feature_dim
+        return s
+
+    def _attributor_kwargs(self) -> dict[str, Any]:
+        return dict(proj_dim=self.proj_dim, projector=self.projector, seed=self.seed, params=self.params,
+                    batch_size=self.batch_size, shard_size=self.shard_size, top_k=self.top_k)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.status == "interrupted" or getattr(trainer, "interrupted", False):
             return
         train_ds, collate = self._train_data(trainer)
         query_ds, query_collate = self._query_data(trainer)
-        if self.output_fn is None:
-            self._check_batch_format(train_ds, collate)
         method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
         capture = next((c for c in trainer.callbacks if isinstance(c, CheckpointCapture)), None)
         snapshots = capture.snapshots if capture is not None and capture.records else None
         dist = LightningDist(trainer.strategy)
         pl_module.to(dist.device)  # the strategy's teardown moved it to the CPU
         progress = _ProgressBars(enabled=trainer.is_global_zero and trainer.progress_bar_callback is not None)
-        attributor = Attributor(
-            pl_module, method, train_ds, query_ds, self.out_dir, proj_dim=self.proj_dim, projector=self.projector,
-            seed=self.seed, params=self.params, output_fn=self.output_fn, batch_size=self.batch_size,
-            shard_size=self.shard_size, collate_fn=collate, dist=dist, progress=progress, top_k=self.top_k,
-        )
         try:
+            attributor = Attributor(
+                pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
+                dist=dist, progress=progress, **self._attributor_kwargs())
             self.result = attributor.run(snapshots)
         except Exception as err:
             raise type(err)(
@@ -133,41 +194,52 @@ class AttributionCallback(Callback):
         finally:
             progress.close()
         if trainer.is_global_zero:
-            self._evaluate_and_report(trainer, pl_module, train_ds, query_ds, collate, query_collate, dist.device)
+            self._evaluate_and_report(trainer, pl_module, train_ds, query_ds, collate, query_collate, dist.device,
+                                      attributor.output)
         trainer.strategy.barrier("AttributionCallback")
+        if not self.keep_features and trainer.is_global_zero:
+            import shutil
+
+            shutil.rmtree(self.out_dir / "features", ignore_errors=True)
+        trainer.strategy.barrier("AttributionCallback.cleanup")
 
     # -- data ----------------------------------------------------------------------------------------
+    def _datamodule_view(self, trainer: L.Trainer, split: str) -> Dataset | None:
+        hook = getattr(trainer.datamodule, "attribution_dataset", None)
+        return hook(split) if callable(hook) else None
+
     def _train_data(self, trainer: L.Trainer) -> tuple[Dataset, Callable | None]:
-        if self.train_dataset is not None:
-            return self.train_dataset, None
         loader = _first_loader(trainer.train_dataloader)
+        if loader is None:
+            loader = _loader_of(trainer.fit_loop)
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
+        fit_collate = getattr(loader, "collate_fn", None)
+        view = self.train_dataset if self.train_dataset is not None else self._datamodule_view(trainer, "train")
+        if view is not None:
+            return view, self.collate_fn or fit_collate
         if loader is None or not hasattr(loader, "dataset") or not hasattr(loader.dataset, "__len__"):
             raise ValueError("AttributionCallback cannot find the training dataset of this fit: pass train_dataset=")
-        return loader.dataset, loader.collate_fn
+        return loader.dataset, self.collate_fn or fit_collate
 
     def _query_data(self, trainer: L.Trainer) -> tuple[Dataset, Callable | None]:
-        if self.query_dataset is not None:
-            return self.query_dataset, None
         loader = _first_loader(trainer.val_dataloaders)
+        if loader is None:
+            loader = _first_loader(_loader_of(getattr(trainer.fit_loop.epoch_loop, "val_loop", None)))
         if loader is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
             try:
                 loader = _first_loader(trainer.datamodule.val_dataloader())
             except NotImplementedError:
                 loader = None
+        collate = getattr(loader, "collate_fn", None)
+        if loader is None:  # no validation loader: queries collate like the training data
+            collate = getattr(_first_loader(trainer.train_dataloader) or _loader_of(trainer.fit_loop), "collate_fn", None)
+        view = self.query_dataset if self.query_dataset is not None else self._datamodule_view(trainer, "query")
+        if view is not None:
+            return view, self.collate_fn or collate
         if loader is None or not hasattr(loader, "dataset"):
             raise ValueError("AttributionCallback found no validation set to use as queries: pass query_dataset=")
-        return loader.dataset, loader.collate_fn
-
-    def _check_batch_format(self, dataset: Dataset, collate: Callable | None) -> None:
-        from torch.utils.data import DataLoader
-
-        batch = next(iter(DataLoader(dataset, batch_size=2, collate_fn=collate)))
-        try:
-            unpack_batch(batch)
-        except BatchFormatError as err:
-            raise BatchFormatError(f"AttributionCallback: {err}") from None
+        return loader.dataset, self.collate_fn or collate
 
     def _truth_mask(self, trainer: L.Trainer, train_ds: Dataset) -> np.ndarray | None:
         for mask in (self.mislabeled, getattr(trainer.datamodule, "train_flipped", None), getattr(train_ds, "flipped", None)):
@@ -179,16 +251,17 @@ class AttributionCallback(Callback):
         return None
 
     # -- metrics and reporting (rank 0) ------------------------------------------------------------
-    def _evaluate_and_report(self, trainer, pl_module, train_ds, query_ds, collate, query_collate, device) -> None:
+    def _evaluate_and_report(self, trainer, pl_module, train_ds, query_ds, collate, query_collate, device,
+                             output: OutputFunction) -> None:
         from ..reporting import make_reporter
         from ..reporting.predictions import predict
 
         res = self.result
         metrics: dict[str, float] = {f"attrib/time/{k}": v for k, v in res.manifest.get("timings", {}).items()}
         train_pred = query_pred = None
-        if self.output_fn is None:
-            train_pred = predict(pl_module, train_ds, collate, device, self.batch_size)
-            query_pred = predict(pl_module, query_ds, query_collate, device, self.batch_size)
+        if isinstance(output, TaskOutput):  # a built-in task: given label, prediction and loss for tables and baseline
+            train_pred = predict(pl_module, train_ds, collate, device, self.batch_size, output)
+            query_pred = predict(pl_module, query_ds, query_collate, device, self.batch_size, output)
         truth = self._truth_mask(trainer, train_ds)
         if truth is not None:
             from ..metrics import MislabelDetection
@@ -212,7 +285,7 @@ class AttributionCallback(Callback):
         self.metrics = metrics
         make_reporter(trainer).report(
             res, metrics, train_ds=train_ds, query_ds=query_ds, train_pred=train_pred, query_pred=query_pred,
-            truth=truth, to_image=self.to_image, log_images=self.log_images, num_suspects=self.num_suspects,
+            truth=truth, to_image=self.to_image, to_display=self.to_display, log_images=self.log_images, num_suspects=self.num_suspects,
             num_gallery_queries=self.num_gallery_queries, gallery_k=self.gallery_k, leakage=self.leakage_report)
         rank_zero_info(f"[lightning-attrib] {res.manifest['method']} scores for {res.manifest['n_train']} training x "
                        f"{res.manifest['n_query']} query examples written to {self.out_dir}")
@@ -225,6 +298,17 @@ class AttributionCallback(Callback):
         if state_dict.get("out_dir") and Path(state_dict["out_dir"]) != self.out_dir:
             rank_zero_info(f"[lightning-attrib] resumed run wrote attribution to {state_dict['out_dir']}; "
                            f"this one writes to {self.out_dir}")
+
+
+def _loader_of(loop: Any):
+    """The dataloader a fit/validation loop would load (before Lightning has loaded it), or None."""
+    source = getattr(loop, "_data_source", None)
+    if source is None or not source.is_defined():
+        return None
+    try:
+        return _first_loader(source.dataloader())
+    except Exception:
+        return None
 
 
 def _first_loader(loaders: Any):

@@ -9,10 +9,13 @@ from .pipeline import Attributor, Snapshot, weights_fingerprint
 from .projection import RandomProjector
 from .results import AttributionResult, load_results
 from .store import FeatureStore, StoreMismatchError
+from .tasks import CustomOutput, Task, TaskConfigError, TaskOutput
 
 __all__ = [
-    "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "Dist", "FeatureMethod",
-    "FactorizedProjector", "KroneckerProjector", "TensorSketchProjector", "make_projector", "FeatureStore", "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
+    "Attributor", "AttributionResult", "ClassificationMargin", "CrossEntropyLoss", "CustomOutput", "Dist",
+    "FeatureMethod", "Task", "TaskConfigError", "TaskOutput",
+    "FactorizedProjector", "KroneckerProjector", "TensorSketchProjector", "make_projector", "FeatureStore",
+    "LocalDist", "OutputFunction", "PerExampleGradients", "RandomProjector",
     "Snapshot",
     "StoreMismatchError", "TRAK", "TorchDist", "load_results", "resolve_output", "select_parameters",
     "weights_fingerprint",

@@ -1,4 +1,6 @@
-"""Reading `(inputs, targets)` out of the batches users' dataloaders produce (zero-configuration path)."""
+"""Batch helpers: tensor leaves, batch size, moving to a device, and `unpack_batch` (one input and a target, for the
+curvature code and the bundled models). The general reader (multi-input tuples, keyword batches, the module's
+`attribution_step` hook) is `core.tasks.read_batch`."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,16 +24,16 @@ def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor]:
         if x_key is None or y_key is None:
             raise BatchFormatError(
                 f"cannot find inputs and targets in a dict batch with keys {sorted(batch)}: expected one of "
-                f"{INPUT_KEYS} and one of {TARGET_KEYS}. Pass `output_fn=` (a callable (module, batch) -> "
-                "per-example scalar) to tell lightning-attrib how to read your batches."
+                f"{INPUT_KEYS} and one of {TARGET_KEYS}. Define `attribution_step(self, batch) -> "
+                "(prediction, target)` on your LightningModule, or pass `output_fn=` (see core/tasks.py)."
             )
         return batch[x_key], batch[y_key]
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise BatchFormatError(
         f"cannot read a batch of type {type(batch).__name__}: expected a tuple/list (x, y, ...) or a dict with keys "
-        f"like 'image'/'input'/'x' and 'label'/'target'/'y'. Pass `output_fn=` (a callable (module, batch) -> "
-        "per-example scalar) to tell lightning-attrib how to read your batches."
+        f"like 'image'/'input'/'x' and 'label'/'target'/'y'. Define `attribution_step(self, batch) -> "
+        "(prediction, target)` on your LightningModule, or pass `output_fn=` (see core/tasks.py)."
     )
 
 

@@ -155,7 +155,8 @@ class Attributor:
         self.train_dataset, self.query_dataset = train_dataset, query_dataset
         self.out_dir = Path(out_dir)
         self.dist = dist or LocalDist()
-        self.output = resolve_output(output_fn, default=method.output)
+        self.output = resolve_output(output_fn, default=method.output, module=module, method=method,
+                                     dataset=train_dataset, collate_fn=collate_fn)
         self.param_names = select_parameters(module, params)
         choose = getattr(method, "choose_projector", None)  # e.g. influence solvers that need full gradients
         if callable(choose):
