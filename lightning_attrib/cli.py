@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_PATH = "conf"
+APP_ENV = "LIGHTNING_ATTRIB_APP"  # the app of this command, for the DDP ranks Lightning re-launches
 # `attribution.*` keys that configure snapshot capture during training (CheckpointCapture), not the scoring.
 CAPTURE_KEYS = ("snapshot_every_n_epochs", "keep_snapshots")
 # Warnings a subset retraining of an LDS sweep raises every time, about nothing the user can change.
@@ -151,6 +152,10 @@ def attribute(cfg: DictConfig) -> dict:
     res = run_attribute(model, datamodule.train_dataloader().dataset, datamodule.val_dataloader().dataset,
                         cfg.attrib_dir, snapshots=cfg.snapshots, accelerator=cfg.accelerator, devices=cfg.devices,
                         strategy=cfg.strategy, num_nodes=cfg.num_nodes, **kwargs)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return {"result_dir": str(cfg.attrib_dir)}
     shape = (f"scores {tuple(res.scores.shape)}" if res.top_k is None else
              f"top {res.top_k} proponents/opponents of {res.n_query} queries")
     print(f"lightning-attrib attribute: {res.manifest['method']} {shape} written to "
@@ -349,10 +354,18 @@ APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds, "m
 def main(argv: list[str] | None = None) -> None:
     """Dispatch `lightning-attrib APP overrides...` to the Hydra app APP (default `train`)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    app = args.pop(0) if args and args[0] in APPS else "train"
+    if args and args[0] in APPS:
+        app = args.pop(0)
+    elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(APP_ENV) in APPS:
+        app = os.environ[APP_ENV]  # a DDP rank Lightning started by re-running this command without the app name
+    else:
+        app = "train"
     if args and args[0] in ("-h", "--help") and len(args) == 1:
         print(f"usage: lightning-attrib [{'|'.join(APPS)}] [hydra overrides...]\napps:\n" +
               "\n".join(f"  {k:<10s} {v.__doc__.splitlines()[0]}" for k, v in APPS.items()) + "\n")
-    sys.argv = [f"lightning-attrib {app}"] + args
+    # Hydra parses sys.argv[1:] as overrides; Lightning's DDP launcher re-runs sys.argv (or `-m` the main module)
+    # for the other ranks, which then find the app name in APP_ENV.
+    sys.argv = [sys.argv[0] if sys.argv else "lightning-attrib"] + args
+    os.environ[APP_ENV] = app
     _working_directory_on_path()
     hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=app)(_app(APPS[app]))()
