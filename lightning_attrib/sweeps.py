@@ -24,6 +24,7 @@ from .core.outputs import resolve_output
 from .evaluation.subsets import random_subset_masks
 
 DATAMODEL_CV_FOLDS = 5
+DATAMODEL_MIN_HELDOUT = 5  # fewer held-out subsets make their Spearman correlation meaningless
 
 
 def truth_path(lds_dir: str | os.PathLike, index: int) -> Path:
@@ -151,9 +152,13 @@ def evaluate(lds_dir: str | os.PathLike, result_dir: str | os.PathLike | None, d
 def min_subsets_for_datamodels(heldout_fraction: float) -> int:
     """The fewest subsets for which `evaluate` fits datamodels: 2 x cv folds left after the held-out ones."""
     m = 2 * DATAMODEL_CV_FOLDS
-    while m - max(2, int(round(heldout_fraction * m))) < 2 * DATAMODEL_CV_FOLDS:
+    while m - _num_heldout(m, heldout_fraction) < 2 * DATAMODEL_CV_FOLDS:
         m += 1
     return m
+
+
+def _num_heldout(num_subsets: int, heldout_fraction: float) -> int:
+    return max(DATAMODEL_MIN_HELDOUT, int(round(heldout_fraction * num_subsets)))
 
 
 def _heldout_datamodels(lds_dir, masks: np.ndarray, outputs: np.ndarray, heldout_fraction: float, seed: int) -> dict:
@@ -168,7 +173,7 @@ def _heldout_datamodels(lds_dir, masks: np.ndarray, outputs: np.ndarray, heldout
         warnings.warn(f"datamodels skipped: {reason}", stacklevel=3)
         return {"datamodels_skipped": reason}
     order = np.random.default_rng(derive_seed(seed, "datamodels-heldout")).permutation(m)
-    n_held = max(2, int(round(heldout_fraction * m)))
+    n_held = _num_heldout(m, heldout_fraction)
     held, fit = order[:n_held], order[n_held:]
     try:
         dm = fit_datamodels(masks[fit], outputs[fit], cv=DATAMODEL_CV_FOLDS)
