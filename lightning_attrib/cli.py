@@ -20,9 +20,6 @@ CONFIG_PATH = "conf"
 APP_ENV = "LIGHTNING_ATTRIB_APP"  # the app of this command, for the DDP ranks Lightning re-launches
 # `attribution.*` keys that configure snapshot capture during training (CheckpointCapture), not the scoring.
 CAPTURE_KEYS = ("snapshot_every_n_epochs", "keep_snapshots")
-# Warnings a subset retraining of an LDS sweep raises every time, about nothing the user can change.
-REPEATED_LIBRARY_WARNINGS = (r".*`validation_step` but have no `val_dataloader`.*",
-                             r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 def attribution_kwargs(attribution: DictConfig) -> dict:
@@ -130,7 +127,7 @@ def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
     lines.append(f"Results:  {Path(res.out_dir).resolve()}  (load with lightning_attrib.load_results)")
     wandb_dir = None
     for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger" and lg.experiment is not None:
+        if type(lg).__name__ == "WandbLogger":
             wandb_dir = str(Path(lg.experiment.dir).parent)
             lines.append(f"W&B run:  {wandb_dir}  (offline: `wandb sync {wandb_dir}` to upload)")
     lines.append("=" * 72)

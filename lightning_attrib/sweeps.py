@@ -25,6 +25,10 @@ from .evaluation.subsets import random_subset_masks
 
 DATAMODEL_CV_FOLDS = 5
 DATAMODEL_MIN_HELDOUT = 5  # fewer held-out subsets make their Spearman correlation meaningless
+# Warnings every subset retraining raises, about nothing the user can change (no validation loop on purpose;
+# a deprecation inside Lightning's own pytree use).
+REPEATED_LIBRARY_WARNINGS = (r".*`validation_step` but have no `val_dataloader`.*",
+                             r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 def truth_path(lds_dir: str | os.PathLike, index: int) -> Path:
@@ -75,11 +79,6 @@ def train_subset(cfg) -> dict:
     atomic_write_bytes(out, buf.getvalue())
     return {"written": str(out)}
 
-
-# Warnings every subset retraining raises, about nothing the user can change (no validation loop on purpose;
-# a deprecation inside Lightning's own pytree use).
-REPEATED_LIBRARY_WARNINGS = (r".*`validation_step` but have no `val_dataloader`.*",
-                             r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 def run_subset_sweep(cmd: list[str], lds_dir: str | os.PathLike, num_subsets: int, poll_s: float = 0.5) -> Path:
@@ -168,8 +167,9 @@ def _heldout_datamodels(lds_dir, masks: np.ndarray, outputs: np.ndarray, heldout
 
     m, need = len(masks), min_subsets_for_datamodels(heldout_fraction)
     if m < need:
-        reason = (f"{m} subsets are too few to fit datamodels ({DATAMODEL_CV_FOLDS}-fold cross-validation plus a "
-                  f"held-out {heldout_fraction:.0%} needs >= {need}): run more subsets (lds.num_subsets) for them")
+        reason = (f"{m} subsets are too few to fit datamodels ({2 * DATAMODEL_CV_FOLDS} for {DATAMODEL_CV_FOLDS}-fold "
+                  f"cross-validation plus {_num_heldout(need, heldout_fraction)} held out: >= {need}): run more "
+                  "subsets (lds.num_subsets) for them")
         warnings.warn(f"datamodels skipped: {reason}", stacklevel=3)
         return {"datamodels_skipped": reason}
     order = np.random.default_rng(derive_seed(seed, "datamodels-heldout")).permutation(m)
