@@ -304,7 +304,10 @@ def _wandb_run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     logger = instantiate(cfg.logger)
-    return logger.experiment if type(logger).__name__ == "WandbLogger" else None
+    if type(logger).__name__ != "WandbLogger":
+        return None
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config: this app's settings
+    return logger.experiment
 
 
 def modeldiff(cfg: DictConfig) -> dict:

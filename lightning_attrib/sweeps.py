@@ -177,12 +177,20 @@ def _heldout_datamodels(lds_dir, masks: np.ndarray, outputs: np.ndarray, heldout
     held, fit = order[:n_held], order[n_held:]
     try:
         dm = fit_datamodels(masks[fit], outputs[fit], cv=DATAMODEL_CV_FOLDS)
-        values = dm.lds(masks[held], outputs[held])
+        with warnings.catch_warnings():  # all-zero datamodels (L1 with few subsets): counted in the report instead
+            warnings.simplefilter("ignore", UserWarning)
+            values = dm.lds(masks[held], outputs[held])
     except (ValueError, np.linalg.LinAlgError) as err:
         warnings.warn(f"datamodels skipped: fitting them failed ({err})", stacklevel=3)
         return {"datamodels_skipped": f"fit failed: {err}"}
+    undefined = int(np.isnan(values["per_query"].numpy()).sum())
+    if undefined:
+        warnings.warn(f"datamodels: {undefined} of {outputs.shape[1]} queries got constant held-out predictions "
+                      f"(an all-zero L1 fit from {len(fit)} subsets) and are left out of their held-out LDS; more "
+                      "subsets give denser datamodels", stacklevel=3)
     atomic_save_npy(Path(lds_dir) / "datamodels_weights.npy", dm.weights.astype(np.float32))
-    return {"datamodels_lds_heldout": float(values["lds"]), "datamodels_fit_subsets": int(len(fit))}
+    return {"datamodels_lds_heldout": float(values["lds"]), "datamodels_fit_subsets": int(len(fit)),
+            "datamodels_undefined_queries": undefined}
 
 
 def scatter_rows(result_dir, lds_dir, queries=(0, 1, 2)) -> list[list[float]]:

@@ -239,6 +239,8 @@ def test_modeldiff_of_two_runs(ws):
     comps = summary["b_minus_a"]["components"]
     assert len(comps) == 5 and all(len(c["top_train"]) == 16 for c in comps)
     assert len(list(runs[0].rglob("media/table/modeldiff/*/component_0/top_train*.table.json"))) == 2
+    config = _wandb(_wandb_runs(runs[0])[0])["config"]
+    assert config["n_components"] == 5 and config["a"].endswith("attrib")
 
 
 def test_leakage_of_a_saved_result(ws):
