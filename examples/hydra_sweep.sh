@@ -3,4 +3,4 @@
 # Each job writes outputs to multirun/DATE/TIME/JOB/attrib; compare their mislabel AUROC in the CSV logs.
 set -euo pipefail
 python -m lightning_attrib -m experiment=demo logger=csv \
-  attribution.method_kwargs.damping_ratio=0.1,1.0 attribution.proj_dim=512,1024
+  +attribution.method_kwargs.damping_ratio=0.1,1.0 attribution.proj_dim=512,1024

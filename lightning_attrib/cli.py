@@ -5,13 +5,67 @@ add your own with Hydra's `--config-dir DIR`.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_PATH = "conf"
+APP_ENV = "LIGHTNING_ATTRIB_APP"  # the app of this command, for the DDP ranks Lightning re-launches
+# `attribution.*` keys that configure snapshot capture during training (CheckpointCapture), not the scoring.
+CAPTURE_KEYS = ("snapshot_every_n_epochs", "keep_snapshots")
+
+
+def attribution_kwargs(attribution: DictConfig) -> dict:
+    """The `attribution` config group as keyword arguments of `lightning_attrib.attribute` / `AttributionCallback`:
+    every scoring key, resolved; a key neither takes (nor a capture key) is an error that names it."""
+    from .callbacks import AttributionCallback
+    from .core.pipeline import Attributor
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(attribution, resolve=True).items() if k not in CAPTURE_KEYS}
+    known = set(inspect.signature(Attributor).parameters) | set(inspect.signature(AttributionCallback).parameters)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"attribution.{unknown[0]} is not a setting of lightning_attrib.attribute / AttributionCallback "
+                         f"(scoring keys: {sorted(known & set(kwargs))}; capture keys: {list(CAPTURE_KEYS)}): "
+                         "remove it or fix its spelling")
+    return kwargs
+
+
+def _quiet_logs() -> None:
+    """Each log line once: Lightning adds its own stderr handler to the `lightning` logger and also propagates to
+    the root logger that Hydra configured; the root's handlers (console + the job's log file) are enough."""
+    import lightning  # noqa: F401  (its import adds the handler)
+
+    if logging.getLogger().handlers:
+        own = logging.getLogger("lightning")
+        for handler in list(own.handlers):
+            own.removeHandler(handler)
+
+
+def _app(fn):
+    """An app as Hydra runs it: one log line per record, `_target_`s importable from the working directory."""
+
+    @functools.wraps(fn)
+    def run(cfg: DictConfig):
+        _quiet_logs()
+        return fn(cfg)
+
+    return run
+
+
+def _working_directory_on_path() -> None:
+    """A user's `_target_: my_module.MyModel` resolves from the directory the command runs in (as with `python -m`),
+    without PYTHONPATH=.; the console script alone would not look there."""
+    cwd = os.getcwd()
+    if all(os.path.abspath(p or ".") != cwd for p in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -21,18 +75,38 @@ def train(cfg: DictConfig) -> dict:
 
     from .callbacks import AttributionCallback
 
+    if cfg.get("attribution"):
+        attribution_kwargs(cfg.attribution)  # an unknown attribution.* key fails here, before training
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    _log_config(trainer, cfg, datamodule)
     trainer.fit(model, datamodule=datamodule)
     attribution = next((c for c in callbacks if isinstance(c, AttributionCallback)), None)
     summary = {"out_dir": str(cfg.out_dir)}
     if trainer.is_global_zero and attribution is not None and attribution.result is not None:
         summary.update(_print_summary(cfg, trainer, datamodule, attribution))
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+            summary.setdefault("wandb_dir", str(Path(lg.experiment.dir).parent))
+            lg.experiment.finish()  # flushed now; a later run of this process (the lds app's) is a run of its own
     return summary
+
+
+def _log_config(trainer, cfg: DictConfig, datamodule) -> None:
+    """The resolved config (attribution settings included) as every logger's hyperparameters. The data module's
+    own hparams are not merged in as well (they are `data` here): Lightning refuses keys that the module and the
+    data module both have with different values (e.g. `image_shape`)."""
+    if not trainer.loggers:
+        return
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for lg in trainer.loggers:
+        lg.log_hyperparams(config)
+    if hasattr(datamodule, "_log_hyperparams"):
+        datamodule._log_hyperparams = False
 
 
 def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
@@ -70,14 +144,18 @@ def attribute(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    kwargs = attribution_kwargs(cfg.attribution)
     model = instantiate(cfg.model)
-    a = cfg.attribution
     res = run_attribute(model, datamodule.train_dataloader().dataset, datamodule.val_dataloader().dataset,
-                        cfg.attrib_dir, snapshots=cfg.snapshots, method=a.method,
-                        method_kwargs=OmegaConf.to_container(a.method_kwargs, resolve=True), accelerator=cfg.accelerator,
-                        devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes, proj_dim=a.proj_dim,
-                        projector=a.projector, seed=a.seed, batch_size=a.batch_size)
-    print(f"lightning-attrib attribute: {res.manifest['method']} scores {tuple(res.scores.shape)} written to "
+                        cfg.attrib_dir, snapshots=cfg.snapshots, accelerator=cfg.accelerator, devices=cfg.devices,
+                        strategy=cfg.strategy, num_nodes=cfg.num_nodes, **kwargs)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return {"result_dir": str(cfg.attrib_dir)}
+    shape = (f"scores {tuple(res.scores.shape)}" if res.top_k is None else
+             f"top {res.top_k} proponents/opponents of {res.n_query} queries")
+    print(f"lightning-attrib attribute: {res.manifest['method']} {shape} written to "
           f"{Path(cfg.attrib_dir).resolve()} (world size {res.manifest['world_size']})", flush=True)
     return {"result_dir": str(cfg.attrib_dir)}
 
@@ -91,51 +169,121 @@ def subset(cfg: DictConfig) -> dict:
 
 def lds(cfg: DictConfig) -> dict:
     """One command for LDS: full-data attribution, a Hydra multirun of subset retrainings, evaluation."""
-    import subprocess
+    from .sweeps import evaluate, run_subset_sweep
 
-    from hydra.core.hydra_config import HydraConfig
-
-    from .sweeps import evaluate
-
+    group = _share_wandb_group(cfg)
     result_dir = cfg.lds.scores
     if result_dir is None:
         train(cfg)
         result_dir = str(Path(cfg.out_dir) / "attrib")
-    forwarded = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~").startswith(("lds.", "hydra"))]
-    cmd = [sys.executable, "-m", "lightning_attrib", "subset", "-m", *forwarded, f"lds.dir={cfg.lds.dir}",
+    _check_scores_fit_the_data(cfg, result_dir)  # before the retrainings: nothing may fail after them
+    cmd = _subset_sweep_command(cfg)
+    print(f"lightning-attrib lds: retraining on {int(cfg.lds.num_subsets)} subsets (log: "
+          f"{Path(cfg.lds.dir) / 'sweep.log'}):\n  {' '.join(cmd)}", flush=True)
+    run_subset_sweep(cmd, cfg.lds.dir, int(cfg.lds.num_subsets))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = evaluate(cfg.lds.dir, result_dir, datamodels=cfg.lds.datamodels,
+                          heldout_fraction=cfg.lds.heldout_fraction)
+    for w in caught:
+        print(f"lightning-attrib lds: warning: {w.message}", flush=True)
+    lo, hi = report.get("lds_ci", [float("nan")] * 2)
+    dm = (f"datamodels held-out LDS = {report['datamodels_lds_heldout']:.4f}" if "datamodels_lds_heldout" in report
+          else "datamodels skipped" + (" (warning above)" if "datamodels_skipped" in report else ""))
+    print(f"lightning-attrib lds: {report.get('method')} LDS = {report.get('lds', float('nan')):.4f} "
+          f"(95% CI [{lo:.4f}, {hi:.4f}]) over {report['num_subsets']} subsets; {dm}. "
+          f"Written to {Path(cfg.lds.dir) / 'lds.json'}", flush=True)
+    _log_lds(cfg, report, result_dir, group)
+    return report
+
+
+def _is_wandb(logger_cfg) -> bool:
+    return bool(logger_cfg) and str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+
+
+def _share_wandb_group(cfg: DictConfig) -> str | None:
+    """With a W&B logger, the attribution run and the LDS run share one group (the configured `logger.group`,
+    else `lds-<run dir>`); returns it."""
+    if not _is_wandb(cfg.get("logger")):
+        return None
+    with open_dict(cfg):
+        if not cfg.logger.get("group"):
+            out = Path(str(cfg.out_dir))
+            cfg.logger.group = f"lds-{out.parent.name}-{out.name}"
+    return str(cfg.logger.group)
+
+
+def _check_scores_fit_the_data(cfg: DictConfig, result_dir: str) -> None:
+    """The scores must be a full (n_train, n_query) matrix of the configured data, or the LDS cannot be computed."""
+    from hydra.utils import instantiate
+
+    from .core.results import load_results
+
+    res = load_results(result_dir)
+    if res.top_k is not None:
+        raise ValueError(f"{result_dir} keeps only the top {res.top_k} scores per query; the LDS needs the full "
+                         "score matrix: run with attribution.top_k=null")
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    shape = (len(datamodule.train_dataloader().dataset), len(datamodule.val_dataloader().dataset))
+    if tuple(res.scores.shape) != shape:
+        raise ValueError(f"the scores in {result_dir} are {tuple(res.scores.shape)} but the configured data has "
+                         f"(n_train, n_query) = {shape}: give lds.scores a result of the same data")
+
+
+def _subset_sweep_command(cfg: DictConfig) -> list[str]:
+    """`python -m lightning_attrib subset -m ...` with this run's overrides and config dir (no logger: the
+    retrainings log nothing)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    skip = ("lds.", "lds_logger", "logger", "hydra")
+    forwarded = [o for o in hc.overrides.task if not o.split("=")[0].lstrip("+~").startswith(skip)]
+    config_dirs = [src.path.split("://", 1)[-1] for src in hc.runtime.config_sources
+                   if src.provider == "command-line" and src.schema == "file"]
+    cmd = [sys.executable, "-m", "lightning_attrib", "subset", "-m",
+           *(arg for d in config_dirs for arg in ("--config-dir", d)), *forwarded, f"lds.dir={cfg.lds.dir}",
            f"lds.index=range(0,{int(cfg.lds.num_subsets)})", f"lds.alpha={cfg.lds.alpha}", f"lds.seed={cfg.lds.seed}",
            f"lds.output={cfg.lds.output}", *list(cfg.lds.launcher_overrides)]
     if cfg.lds.launcher != "basic":
         cmd.insert(5, f"hydra/launcher={cfg.lds.launcher}")
-    print("lightning-attrib lds: subset sweep:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    report = evaluate(cfg.lds.dir, result_dir, datamodels=cfg.lds.datamodels, heldout_fraction=cfg.lds.heldout_fraction)
-    print(f"lightning-attrib lds: {report.get('method')} LDS = {report.get('lds', float('nan')):.4f} "
-          f"(95% CI {report.get('lds_ci')}) over {report['num_subsets']} subsets; datamodels held-out LDS = "
-          f"{report.get('datamodels_lds_heldout', float('nan')):.4f}. Written to {Path(cfg.lds.dir) / 'lds.json'}",
-          flush=True)
-    _log_lds(cfg, report, result_dir)
-    return report
+    return cmd
 
 
-def _log_lds(cfg: DictConfig, report: dict, result_dir: str) -> None:
-    """LDS scalars (+ a predicted-vs-actual scatter on W&B) through the configured logger, if any."""
-    if not cfg.get("lds_logger"):
-        return
+def _log_lds(cfg: DictConfig, report: dict, result_dir: str, group: str | None) -> None:
+    """LDS, its CI (and datamodels' held-out LDS) through `lds_logger`, else the experiment's logger; on W&B a run
+    in the attribution run's project and group, with a predicted-vs-actual scatter."""
     from hydra.utils import instantiate
 
     from .sweeps import scatter_rows
 
-    logger = instantiate(cfg.lds_logger)
-    logger.log_metrics({k: v for k, v in {"lds/lds": report.get("lds"), "lds/datamodels_heldout":
-                        report.get("datamodels_lds_heldout")}.items() if v is not None})
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
+    logger_cfg = cfg.get("lds_logger") or cfg.get("logger")
+    if not logger_cfg:
+        return
+    wandb = _is_wandb(logger_cfg)
+    extra = {}
+    if wandb:
+        extra = {"job_type": "lds", "group": logger_cfg.get("group") or group}
+        extra["name"] = logger_cfg.get("name") or (f"{extra['group']}-lds" if extra["group"] else None)
+    logger = instantiate(logger_cfg, **{k: v for k, v in extra.items() if v})
+    values = {"lds/lds": report.get("lds"), "lds/ci_low": (report.get("lds_ci") or [None])[0],
+              "lds/ci_high": (report.get("lds_ci") or [None, None])[1], "lds/num_subsets": report["num_subsets"],
+              "lds/datamodels_heldout": report.get("datamodels_lds_heldout")}
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_metrics({k: float(v) for k, v in values.items() if v is not None})
+    if wandb and "lds" in report:
+        import wandb as wb
 
-        table = wandb.Table(columns=["query", "predicted", "actual"], data=scatter_rows(result_dir, cfg.lds.dir))
-        logger.experiment.log({"lds/scatter": wandb.plot.scatter(table, "predicted", "actual", title="LDS: predicted vs actual")})
+        table = wb.Table(columns=["query", "predicted", "actual"], data=scatter_rows(result_dir, cfg.lds.dir))
+        logger.experiment.log({"lds/scatter": wb.plot.scatter(table, "predicted", "actual",
+                                                              title="LDS: predicted vs actual")})
+        print(f"lightning-attrib lds: W&B run {Path(logger.experiment.dir).parent} (project "
+              f"{logger_cfg.get('project')}, group {extra['group']})", flush=True)
     logger.save()
     logger.finalize("success")
+    if wandb:
+        logger.experiment.finish()
 
 
 def _datasets(cfg: DictConfig):
@@ -156,7 +304,10 @@ def _wandb_run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     logger = instantiate(cfg.logger)
-    return logger.experiment if type(logger).__name__ == "WandbLogger" else None
+    if type(logger).__name__ != "WandbLogger":
+        return None
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # the run's config: this app's settings
+    return logger.experiment
 
 
 def modeldiff(cfg: DictConfig) -> dict:
@@ -203,9 +354,18 @@ APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds, "m
 def main(argv: list[str] | None = None) -> None:
     """Dispatch `lightning-attrib APP overrides...` to the Hydra app APP (default `train`)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    app = args.pop(0) if args and args[0] in APPS else "train"
+    if args and args[0] in APPS:
+        app = args.pop(0)
+    elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(APP_ENV) in APPS:
+        app = os.environ[APP_ENV]  # a DDP rank Lightning started by re-running this command without the app name
+    else:
+        app = "train"
     if args and args[0] in ("-h", "--help") and len(args) == 1:
         print(f"usage: lightning-attrib [{'|'.join(APPS)}] [hydra overrides...]\napps:\n" +
               "\n".join(f"  {k:<10s} {v.__doc__.splitlines()[0]}" for k, v in APPS.items()) + "\n")
-    sys.argv = [f"lightning-attrib {app}"] + args
-    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=app)(APPS[app])()
+    # Hydra parses sys.argv[1:] as overrides; Lightning's DDP launcher re-runs sys.argv (or `-m` the main module)
+    # for the other ranks, which then find the app name in APP_ENV.
+    sys.argv = [sys.argv[0] if sys.argv else "lightning-attrib"] + args
+    os.environ[APP_ENV] = app
+    _working_directory_on_path()
+    hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=app)(_app(APPS[app]))()

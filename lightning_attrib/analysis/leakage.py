@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.io import atomic_write_text, derive_seed
 from ..core.results import AttributionResult
 from ..core.store import FeatureStore
 
@@ -221,9 +222,9 @@ class LeakageReport:
         """Write the report as JSON (pairs, flags, thresholds, reference statistics)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"flags": self.flags, "n_candidates": self.n_candidates,
-                                    "thresholds": self.thresholds, "reference": self.reference,
-                                    "pairs": self.records()}, indent=2, default=float))
+        atomic_write_text(path, json.dumps({"flags": self.flags, "n_candidates": self.n_candidates,
+                                            "thresholds": self.thresholds, "reference": self.reference,
+                                            "pairs": self.records()}, indent=2, default=float))
         return path
 
 
@@ -287,7 +288,8 @@ def detect_leakage(result: AttributionResult, train_inputs: Any, query_inputs: A
 
     # reference: distances of (sampled) training examples to their nearest other training example
     if n_train > 1:
-        ref = np.sort(np.random.default_rng(seed).choice(n_train, size=min(reference_size, n_train), replace=False))
+        rng = np.random.default_rng(derive_seed(seed, "leakage-reference"))
+        ref = np.sort(rng.choice(n_train, size=min(reference_size, n_train), replace=False))
         d_nn = np.empty(len(ref))
         block = _block_rows(n_train)
         for lo in range(0, len(ref), block):

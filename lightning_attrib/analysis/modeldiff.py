@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.io import atomic_save_npy, atomic_write_text
 from ..core.results import AttributionResult, load_results
 
 
@@ -97,7 +98,7 @@ class DiffComponents:
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for key in ("directions", "projections", "explained_variance_ratio", "variance_a", "variance_b"):
-            np.save(out_dir / f"{key}.npy", getattr(self, key))
+            atomic_save_npy(out_dir / f"{key}.npy", getattr(self, key))
 
 
 @dataclass
@@ -133,9 +134,9 @@ class ModelDiffResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.a_minus_b.save(out_dir / "a_minus_b")
         self.b_minus_a.save(out_dir / "b_minus_a")
-        np.save(out_dir / "train_ids.npy", self.train_ids)
-        np.save(out_dir / "query_ids.npy", self.query_ids)
-        (out_dir / "modeldiff.json").write_text(json.dumps(self.summary(k), indent=2, default=float))
+        atomic_save_npy(out_dir / "train_ids.npy", self.train_ids)
+        atomic_save_npy(out_dir / "query_ids.npy", self.query_ids)
+        atomic_write_text(out_dir / "modeldiff.json", json.dumps(self.summary(k), indent=2, default=float))
         return out_dir
 
 

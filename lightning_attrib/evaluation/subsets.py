@@ -1,6 +1,7 @@
 """Seeded random training subsets for LDS / datamodels: masks (M, n_train) bool, saved with their seed."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -8,13 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.io import atomic_write_bytes, derive_seed
+
 
 def random_subset_masks(n_train: int, num_subsets: int, alpha: float = 0.5, seed: int = 0,
                         start: int = 0) -> np.ndarray:
     """(num_subsets, n_train) bool: each row keeps exactly round(alpha * n_train) examples, drawn uniformly.
 
-    Row j (global index start + j) depends only on (seed, j): asking for more subsets later extends, never
-    changes, the first ones, and ranks can generate disjoint blocks with `start`.
+    Row j (global index start + j) depends only on (seed, j) (its generator is seeded by `derive_seed(seed,
+    "subset", j)`): asking for more subsets later extends, never changes, the first ones, and ranks can generate
+    disjoint blocks with `start`.
     """
     if not isinstance(n_train, (int, np.integer)) or n_train <= 0:
         raise ValueError(f"n_train must be a positive integer, got {n_train!r}")
@@ -27,7 +31,7 @@ def random_subset_masks(n_train: int, num_subsets: int, alpha: float = 0.5, seed
         raise ValueError(f"alpha={alpha} keeps {size} of {n_train} examples: pick alpha so that 0 < alpha*n < n")
     masks = np.zeros((num_subsets, n_train), dtype=bool)
     for j in range(num_subsets):
-        rng = np.random.default_rng([int(seed), start + j])
+        rng = np.random.default_rng(derive_seed(seed, "subset", start + j))
         masks[j, rng.choice(n_train, size=size, replace=False)] = True
     return masks
 
@@ -82,11 +86,10 @@ class SubsetMasks:
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-        np.savez_compressed(tmp, masks=self.masks, seed=np.int64(self.seed), alpha=np.float64(self.alpha),
+        buf = io.BytesIO()
+        np.savez_compressed(buf, masks=self.masks, seed=np.int64(self.seed), alpha=np.float64(self.alpha),
                             start=np.int64(self.start))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SubsetMasks":

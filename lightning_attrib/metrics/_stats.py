@@ -1,5 +1,11 @@
-"""Small, exact statistics in torch (float64): tie-averaged ranks, per-column Spearman/Pearson, bootstrap CI."""
+"""The statistics behind the metrics, from the libraries (float64 throughout): ranks, Spearman/Pearson, the
+bootstrap CI and AUROC (Mann-Whitney U) from `scipy.stats`, average precision from scikit-learn.
+
+Only input conversion and the guards that make an undefined value NaN (constant columns, one class) live here.
+"""
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -21,51 +27,100 @@ def as_float64(x, name: str) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to(torch.float64).cpu().numpy()
+
+
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..M along dim 0, ties given their average rank (as scipy.stats.rankdata(method='average'))."""
-    if x.ndim == 1:
-        return average_ranks(x[:, None])[:, 0]
-    m = x.shape[0]
-    sorted_x, order = torch.sort(x, dim=0, stable=True)
-    new_group = torch.ones_like(sorted_x, dtype=torch.bool)
-    new_group[1:] = sorted_x[1:] != sorted_x[:-1]
-    group = new_group.long().cumsum(0) - 1
-    ordinal = torch.arange(1, m + 1, dtype=torch.float64, device=x.device)[:, None].expand_as(sorted_x)
-    sums = torch.zeros_like(sorted_x, dtype=torch.float64).scatter_add_(0, group, ordinal)
-    counts = torch.zeros_like(sorted_x, dtype=torch.float64).scatter_add_(0, group, torch.ones_like(ordinal))
-    avg = (sums / counts.clamp_min(1)).gather(0, group)
-    return torch.empty_like(avg).scatter_(0, order, avg)
+    """Ranks 1..M along dim 0, ties given their average rank (`scipy.stats.rankdata(method='average')`)."""
+    from scipy.stats import rankdata
+
+    return torch.from_numpy(rankdata(_numpy(x), method="average", axis=0)).to(x.device)
+
+
+def _per_column(stat, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`stat(a[:, j], b[:, j]).statistic` for every column j; NaN where either column is constant."""
+    from scipy.stats import ConstantInputWarning
+
+    a_np, b_np = _numpy(a), _numpy(b)
+    if a_np.ndim == 1:
+        a_np, b_np = a_np[:, None], b_np[:, None]
+    out = np.full(a_np.shape[1], np.nan)
+    if a_np.shape[0] >= 2:
+        with warnings.catch_warnings():  # constant columns: NaN, counted and reported by the caller
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            for j in range(a_np.shape[1]):
+                if np.ptp(a_np[:, j]) > 0 and np.ptp(b_np[:, j]) > 0:
+                    out[j] = stat(a_np[:, j], b_np[:, j]).statistic
+    return torch.from_numpy(out).to(a.device)
 
 
 def pearson_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each column of a with the same column of b; NaN where either column is constant."""
-    a = a - a.mean(dim=0, keepdim=True)
-    b = b - b.mean(dim=0, keepdim=True)
-    denom = a.norm(dim=0) * b.norm(dim=0)
-    r = (a * b).sum(dim=0) / denom
-    return torch.where(denom > 0, r.clamp(-1.0, 1.0), torch.full_like(r, float("nan")))
+    """Pearson correlation of each column of a with the same column of b (`scipy.stats.pearsonr`); NaN where
+    either column is constant."""
+    from scipy.stats import pearsonr
+
+    return _per_column(pearsonr, a, b)
 
 
 def spearman_columns(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per column (tie-averaged ranks), NaN where a column is constant."""
-    return pearson_columns(average_ranks(a), average_ranks(b))
+    """Spearman rank correlation per column (`scipy.stats.spearmanr`, tie-averaged ranks); NaN where a column
+    is constant."""
+    from scipy.stats import spearmanr
+
+    return _per_column(spearmanr, a, b)
 
 
 def bootstrap_mean_ci(values: torch.Tensor, n_bootstrap: int = 1000, confidence: float = 0.95,
                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values` (NaNs dropped), resampling with a seeded generator."""
+    """Percentile bootstrap CI of the mean of `values` (NaNs dropped): `scipy.stats.bootstrap(method='percentile')`
+    with a numpy generator seeded by `derive_seed(seed, 'bootstrap')`."""
+    from scipy.stats import bootstrap
+
+    from ..core.io import derive_seed
+
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    v = values[~torch.isnan(values)].to(torch.float64).cpu()
-    if v.numel() == 0 or n_bootstrap <= 0:
+    v = _numpy(values.reshape(-1))
+    v = v[~np.isnan(v)]
+    if v.size == 0 or n_bootstrap <= 0:
         return float("nan"), float("nan")
-    gen = torch.Generator().manual_seed(int(seed))
-    means = []
-    for start in range(0, int(n_bootstrap), 256):  # bounded memory for many queries
-        rows = min(256, int(n_bootstrap) - start)
-        idx = torch.randint(0, v.numel(), (rows, v.numel()), generator=gen)
-        means.append(v[idx].mean(dim=1))
-    means = torch.cat(means)
-    lo = torch.quantile(means, (1.0 - confidence) / 2.0).item()
-    hi = torch.quantile(means, 1.0 - (1.0 - confidence) / 2.0).item()
-    return lo, hi
+    if np.ptp(v) == 0:  # every resample has the same mean
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(derive_seed(seed, "bootstrap"))
+    res = bootstrap((v,), np.mean, n_resamples=int(n_bootstrap), confidence_level=confidence, method="percentile",
+                    vectorized=True, **_rng_kwarg(rng))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _rng_kwarg(rng: np.random.Generator) -> dict:
+    """scipy >= 1.15 takes `rng=`, older versions `random_state=` (same generator stream)."""
+    import inspect
+
+    from scipy.stats import bootstrap
+
+    return {"rng": rng} if "rng" in inspect.signature(bootstrap).parameters else {"random_state": rng}
+
+
+def binary_auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """AUROC = U / (n_pos n_neg), U the Mann-Whitney statistic of `scipy.stats.mannwhitneyu` (tie-aware, float64);
+    NaN with one class only. (torchmetrics' binary_auroc counts its curve in float32: off by ~1e-8.)"""
+    from scipy.stats import mannwhitneyu
+
+    t = target.detach().cpu().numpy().astype(bool)
+    n_pos = int(t.sum())
+    if n_pos == 0 or n_pos == t.size:
+        return float("nan")
+    s = _numpy(scores)
+    return float(mannwhitneyu(s[t], s[~t], method="asymptotic").statistic) / (n_pos * (t.size - n_pos))
+
+
+def binary_average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
+    """Average precision, scikit-learn's `average_precision_score` (float64, tie-aware); NaN without positives.
+    (torchmetrics' binary_average_precision counts in float32: off by ~1e-8; scipy has none.)"""
+    from sklearn.metrics import average_precision_score
+
+    t = target.detach().cpu().numpy().astype(bool)
+    if not t.any():
+        return float("nan")
+    return float(average_precision_score(t, _numpy(scores)))

@@ -8,7 +8,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ._stats import as_float64, average_ranks
+from ._stats import as_float64, binary_auroc, binary_average_precision
 
 
 def _check_fractions(top_fractions: Sequence[float]) -> tuple[float, ...]:
@@ -38,35 +38,6 @@ def _binary_inputs(scores, is_mislabeled) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t.to(s.device)
 
 
-def binary_auroc_exact(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """AUROC = P(score of a positive > score of a negative) + 1/2 P(tie) (Mann-Whitney U, float64)."""
-    n_pos = int(target.sum())
-    n_neg = target.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = average_ranks(scores)
-    u = ranks[target].sum().item() - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
-
-
-def binary_average_precision_exact(scores: torch.Tensor, target: torch.Tensor) -> float:
-    """AP = sum_k (R_k - R_{k-1}) P_k over distinct thresholds (as sklearn's average_precision_score)."""
-    n_pos = int(target.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = torch.argsort(scores, descending=True, stable=True)
-    s, t = scores[order], target[order].to(torch.float64)
-    tp = t.cumsum(0)
-    fp = (1.0 - t).cumsum(0)
-    last_of_group = torch.ones_like(s, dtype=torch.bool)
-    last_of_group[:-1] = s[:-1] != s[1:]
-    tp, fp = tp[last_of_group], fp[last_of_group]
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    d_recall = torch.diff(recall, prepend=recall.new_zeros(1))
-    return float((d_recall * precision).sum())
-
-
 def recall_precision_at(scores: torch.Tensor, target: torch.Tensor, fraction: float) -> tuple[float, float]:
     """(recall, precision) when inspecting the top ceil(fraction * n) examples by score.
 
@@ -91,7 +62,7 @@ def mislabel_detection(scores, is_mislabeled, top_fractions: Sequence[float] = (
 
 
 def _detection_dict(s: torch.Tensor, t: torch.Tensor, fractions: tuple[float, ...]) -> dict[str, torch.Tensor]:
-    out = {"auroc": binary_auroc_exact(s, t), "average_precision": binary_average_precision_exact(s, t)}
+    out = {"auroc": binary_auroc(s, t), "average_precision": binary_average_precision(s, t)}
     for f in fractions:
         r, p = recall_precision_at(s, t, f)
         out[f"recall@{_fraction_key(f)}"] = r
