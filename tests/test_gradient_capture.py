@@ -265,3 +265,56 @@ def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
         ref = proj.features((x[rec["ids"]], y[rec["ids"]]))
         assert rec["features"].dtype == torch.float32 and torch.isfinite(rec["features"]).all()
         assert (rec["features"] - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_in_run_tracin_with_known_queries_equals_snapshot_based(tmp_path, store):
+    """GradientCapture(query_dataset=...) scores during training; no ids_fn: the ids come from the recorded batch
+    sampler. Equal to tracin_from_capture with the queries featurized afterwards at every captured step's weights."""
+    from lightning_attrib import load_results
+
+    x, y = _digits(64)
+    xq, yq = _digits(5, start=1500)
+    data = TensorDataset(x, y, torch.arange(64))
+    torch.manual_seed(0)
+    model = _LitMLP()
+    out = tmp_path / "cap"
+    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, out_dir=out if store == "disk" else None,
+                          chunk_size=40, query_dataset=TensorDataset(xq, yq), result_dir=tmp_path / "inrun")
+    loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    _trainer(tmp_path, [cap], max_epochs=3).fit(model, loader)
+    for rec in cap.records:   # the recorded sampler indices are the batches' dataset ids
+        torch.testing.assert_close(rec["ids"], model.log_steps[rec["step"]]["ids"])
+    got = load_results(tmp_path / "inrun")
+    assert got.manifest["method"] == "tracin" and got.manifest["captured_steps"] == 6
+
+    if store == "memory":   # the reference reads chunk files: write the in-memory records as a capture
+        return
+    proj = capture_projector(out, _LitMLP())
+
+    def query_features(step):   # the snapshot-based recipe, with the weights of every captured step
+        proj.module.load_state_dict(model.log_steps[step]["weights"])
+        return proj.features((xq, yq))
+
+    ref = tracin_from_capture(out, query_features, n_train=64)
+    assert ref.steps == [0, 2, 4, 6, 8, 10]
+    scale = np.abs(ref.scores).max()
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6 * scale)
+    seen = ref.counts > 0
+    np.testing.assert_allclose(got.self_influence[seen], ref.self_influence[seen], rtol=1e-5)
+    assert np.isnan(got.self_influence[~seen]).all() and got.manifest["never_captured"] == int((~seen).sum()) > 0
+
+
+def test_in_run_queries_default_to_the_validation_set(tmp_path):
+    x, y = _digits(48)
+    xv, yv = _digits(7, start=1500)
+    torch.manual_seed(0)
+    cap = GradientCapture(proj_dim=24, chunk_size=100)
+    _trainer(tmp_path, [cap], max_epochs=1, limit_val_batches=0).fit(
+        _LitNet(), DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(xv, yv)))
+    res = cap.result
+    assert res is not None and res.scores.shape == (48, 7) and res.out_dir == tmp_path / "inrun_tracin"
+    assert not np.isnan(res.self_influence).any() and np.abs(np.asarray(res.scores)).max() > 0
+    cap2 = GradientCapture(proj_dim=24, chunk_size=100, result_dir=tmp_path / "none")
+    _trainer(tmp_path, [cap2], max_epochs=1).fit(_LitNet(), DataLoader(TensorDataset(x, y), batch_size=16))
+    assert cap2.result is None and not (tmp_path / "none").exists()   # no validation set: no queries
