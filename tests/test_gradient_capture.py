@@ -318,3 +318,56 @@ def test_in_run_queries_default_to_the_validation_set(tmp_path):
     cap2 = GradientCapture(proj_dim=24, chunk_size=100, result_dir=tmp_path / "none")
     _trainer(tmp_path, [cap2], max_epochs=1).fit(_LitNet(), DataLoader(TensorDataset(x, y), batch_size=16))
     assert cap2.result is None and not (tmp_path / "none").exists()   # no validation set: no queries
+
+
+class _LitMLPxy(_LitMLP):
+    """(x, y) batches: no dataset ids anywhere in the user's code."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass
+
+    def validation_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_attribution_callback_tracin_takes_the_capture(tmp_path, every):
+    """AttributionCallback(method="tracin") next to GradientCapture(): the in-run scores of the capture, as the
+    callback's standard result; uncaptured examples (every_n_steps=3) featurized post hoc, never 0; training
+    itself (weights, sampler order) is unchanged by the capture."""
+    from lightning_attrib import AttributionCallback, load_results
+
+    x, y = _digits(48)
+    xv, yv = _digits(6, start=1500)
+    train, val = TensorDataset(x, y), TensorDataset(xv, yv)
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = _LitMLPxy()
+        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        _trainer(tmp_path, callbacks, max_epochs=2).fit(model, loader, DataLoader(val))
+        return model
+
+    plain = fit([])
+    cap = GradientCapture(proj_dim=32, every_n_steps=every)
+    cb = AttributionCallback(method="tracin", out_dir=tmp_path / "attrib", log_images=False)
+    model = fit([cap, cb])
+    for k, v in plain.state_dict().items():     # the model ends fit with its final weights, same trajectory
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    res = load_results(tmp_path / "attrib")
+    assert res.manifest["train_features"].startswith("GradientCapture") and "features" not in {
+        p.name for p in (tmp_path / "attrib").iterdir()}                       # no post-hoc feature store
+    captured = cap.captured_counts.numpy() > 0
+    np.testing.assert_allclose(np.asarray(res.scores)[captured], np.asarray(cap.result.scores)[captured], rtol=1e-6)
+    if every == 1:
+        assert captured.all() and res.manifest["post_hoc_examples"] == 0
+        return
+    missing = ~captured
+    assert missing.any() and res.manifest["post_hoc_examples"] == int(missing.sum())
+    fp = FactorizedProjector(model, resolve_output("loss"), cap.param_names, proj_dim=32, seed=0)
+    phi, psi = fp.features((x[missing], y[missing])).double(), fp.features((xv, yv)).double()
+    weight = cap.seen.numpy()[missing] * cap.last_lr
+    assert (cap.seen.numpy() == 2).all()                                      # 2 epochs: each example twice
+    np.testing.assert_allclose(np.asarray(res.scores)[missing], weight[:, None] * (phi @ psi.T).numpy(), rtol=1e-5,
+                               atol=1e-7)
+    assert (np.abs(np.asarray(res.scores)[missing]).max(1) > 0).all() and (res.self_influence[missing] > 0).all()

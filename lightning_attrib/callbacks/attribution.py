@@ -22,6 +22,7 @@ from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
+from .gradient_capture import captured_tracin
 
 
 class AttributionCallback(Callback):
@@ -123,7 +124,8 @@ class AttributionCallback(Callback):
             shard_size=self.shard_size, collate_fn=collate, dist=dist, progress=progress, top_k=self.top_k,
         )
         try:
-            self.result = attributor.run(snapshots)
+            self.result = (captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
+                                           query_collate) or attributor.run(snapshots))  # with GradientCapture: in-run
         except Exception as err:
             raise type(err)(
                 f"{err}\n[lightning-attrib] training finished and its weights/snapshots are kept; features computed so "

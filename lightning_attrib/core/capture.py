@@ -197,8 +197,14 @@ class InRunScores:
         self.n_train, self.n_query = n_train, n_query
         self.scores = torch.zeros(n_train, n_query, dtype=torch.float64, device=device)
         self.self_influence = torch.zeros(n_train, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(n_train, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(n_train, dtype=torch.int64, device=device)   # captured rows per example
+        self.seen = torch.zeros(n_train, dtype=torch.int64, device=device)     # training batches per example
         self.steps: list[int] = []
+
+    def saw(self, ids: torch.Tensor) -> None:
+        """Count one training batch's examples (captured or not): what an uncaptured example's estimate scales by."""
+        ids = torch.as_tensor(ids).reshape(-1).to(self.seen.device, torch.int64)
+        self.seen.index_add_(0, ids, torch.ones_like(ids))
 
     def add(self, features: torch.Tensor, meta: dict[str, np.ndarray], queries: dict[int, torch.Tensor]) -> None:
         """Rows of one chunk: `features` (m, k), `meta` its per-row step / lr / ids, `queries` step -> (Q, k)."""
