@@ -59,7 +59,8 @@ def test_dual_form_equals_primal():
     phi, x = _rows(40, 256), _rows(9, 256, seed=2)
     lam = float((phi * phi).sum()) / 256 * 0.3
     primal, dual = DampedInverse(phi.T @ phi, lam), DualDampedInverse(phi, lam)
-    for got, want in ((dual.apply(x), primal.apply(x)), (dual.quadratic(phi), primal.quadratic(phi))):
+    for got, want in ((dual.apply(x), primal.apply(x)), (dual.quadratic(phi), primal.quadratic(phi)),
+                      (dual.train_quadratic(), primal.quadratic(phi))):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-6
     assert use_dual_form(40, 256) and not use_dual_form(2000, 2048)
     with pytest.raises(ValueError, match="damping > 0"):

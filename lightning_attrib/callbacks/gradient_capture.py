@@ -45,7 +45,10 @@ matrices, and `tracin_from_capture` turns a capture into in-run TracIn scores:
 
 (`tests/test_gradient_capture.py` checks exactly this against per-example gradients at every step's weights.)
 The snapshots are what the query side needs: weights at every captured step. When queries are known before
-training, computing their features inside the run instead would avoid them; that is not implemented.
+training (`query_dataset`, by default the validation set), their features are computed inside the run at every
+captured step and the scores accumulate during training instead: no snapshots, no ids_fn (the batch sampler's
+indices are recorded), a standard result at the end of fit (`result`, `load_results(result_dir)`), and
+`AttributionCallback(method="tracin")` on the same Trainer takes it as its result (`captured_tracin`).
 
 Limitations: parameters outside Linear/Conv2d layers (norms, embeddings) cannot be captured this way;
 with `params=None` they are left out (listed in `skipped_params`), an explicit `params` selection that

@@ -124,9 +124,21 @@ class DualDampedInverse:
         if not damping > 0:
             raise ValueError("the dual form needs damping > 0 (at damping 0 use the primal k x k pseudo-inverse)")
         self.rows, self.damping = rows.double(), float(damping)
-        gram = self.rows @ self.rows.T
-        self.inner = DampedInverse(gram, self.damping, f"{what} (dual form, n x n)")
+        self.gram = self.rows @ self.rows.T
+        self.inner = DampedInverse(self.gram, self.damping, f"{what} (dual form, n x n)")
         self.condition = self.inner.condition
+        self._train_quadratic: torch.Tensor | None = None
+
+    def train_quadratic(self) -> torch.Tensor:
+        """phi_i^T (Phi^T Phi + damping I)^-1 phi_i for every training row i at once, from G alone:
+        (||phi_i||^2 - ||L^-1 g_i||^2) / damping with L L^T = G + damping I (one n x n triangular solve, no n x k work)."""
+        if self._train_quadratic is None:
+            if self.inner.chol is None:
+                self._train_quadratic = self.quadratic(self.rows)
+            else:
+                y = torch.linalg.solve_triangular(self.inner.chol, self.gram, upper=False)
+                self._train_quadratic = (torch.diagonal(self.gram) - y.pow(2).sum(0)) / self.damping
+        return self._train_quadratic
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         x = x.double()
@@ -142,8 +154,9 @@ DUAL_MAX_RATIO = 0.75
 
 def use_dual_form(n_train: int, dim: int) -> bool:
     """Whether the n x n dual form is cheaper than the k x k primal. Dual ~ 2n^2 k + 4/3 n^3 flops (G, its
-    Cholesky, the self-influence solves), primal ~ 2n k^2 + k^3 / 3; measured crossover n ~ 0.75 k (k = 2048,
-    one CPU thread: n = 500 dual 0.11 s vs primal 0.46 s, n = 1500 0.78 vs 0.81 s, n = 2000 1.6 vs 0.77 s)."""
+    Cholesky, the self-influence solve), primal ~ 4n k^2 + k^3 / 3 (kernel, Cholesky, self-influence); measured
+    crossover n ~ 0.8 k (k = 2048, one CPU thread, kernel + inverse + all self-influence + 200 queries:
+    n = 500 dual 0.13 s vs primal 1.13 s, n = 1500 0.66 vs 0.97 s, n = 1800 1.34 vs 0.87 s)."""
     return n_train < DUAL_MAX_RATIO * dim
 
 

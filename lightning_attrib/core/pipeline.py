@@ -357,7 +357,8 @@ class Attributor:
         out = torch.zeros(self.n_train, dtype=torch.float64, device=device)
         for c, snap in enumerate(snapshots):
             for lo, hi, f, _ in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
-                out[lo:hi] += self.method.self_scores(c, torch.from_numpy(f).to(device), SCORE_DTYPES[self.score_dtype])
+                out[lo:hi] += self.method.self_scores(c, torch.from_numpy(f).to(device), SCORE_DTYPES[self.score_dtype],
+                                                      rows=(lo, hi))
         if weights is not None:
             out *= weights.to(device)
         return self.dist.all_reduce_sum(out).cpu().numpy()

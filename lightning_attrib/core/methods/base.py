@@ -60,9 +60,11 @@ class FeatureMethod(ABC):
     def transform(self, snapshot_index: int, features: torch.Tensor) -> torch.Tensor:
         """T_c: map (m, k) float64 features of snapshot c to what training features are dotted with."""
 
-    def self_scores(self, snapshot_index: int, features: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def self_scores(self, snapshot_index: int, features: torch.Tensor, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
         """phi_i . T_c(phi_i) per row, float64 (self-influence before w); `dtype` is the precision a method may
-        use for its big product (TRAK: a float32 triangular solve, squares summed in float64)."""
+        use for its big product (TRAK: a float32 triangular solve, squares summed in float64); `rows` = (lo, hi)
+        says `features` are training rows [lo, hi) of snapshot c (TRAK's dual form then reads them off G)."""
         f = features.double()
         return (f * self.transform(snapshot_index, f)).sum(dim=1)
 

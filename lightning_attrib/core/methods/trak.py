@@ -81,8 +81,12 @@ class TRAK(FeatureMethod):
     def transform(self, snapshot_index: int, features: torch.Tensor) -> torch.Tensor:
         return self._inverses[snapshot_index].apply(features) / len(self._inverses)
 
-    def self_scores(self, snapshot_index: int, features: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return self._inverses[snapshot_index].quadratic(features, dtype) / len(self._inverses)
+    def self_scores(self, snapshot_index: int, features: torch.Tensor, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+        inv = self._inverses[snapshot_index]
+        if rows is not None and isinstance(inv, DualDampedInverse):   # the training rows themselves: from G
+            return inv.train_quadratic()[rows[0]:rows[1]].to(features.device) / len(self._inverses)
+        return inv.quadratic(features, dtype) / len(self._inverses)
 
     def train_weights(self) -> torch.Tensor | None:
         return self._weights
