@@ -371,3 +371,53 @@ def test_attribution_callback_tracin_takes_the_capture(tmp_path, every):
     np.testing.assert_allclose(np.asarray(res.scores)[missing], weight[:, None] * (phi @ psi.T).numpy(), rtol=1e-5,
                                atol=1e-7)
     assert (np.abs(np.asarray(res.scores)[missing]).max(1) > 0).all() and (res.self_influence[missing] > 0).all()
+
+
+DDP_QUERY_SCRIPT = """
+import sys, warnings
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, {root!r})
+from lightning_attrib.callbacks.gradient_capture import GradientCapture
+from tests.test_gradient_capture import _LitMLP, _digits
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+x, y = _digits(50)
+xq, yq = _digits(4, start=1500)
+torch.manual_seed(0)
+model = _LitMLP()
+cap = GradientCapture(proj_dim=30, seed=2, out_dir={out!r} + "/cap", chunk_size=20, query_dataset=TensorDataset(xq, yq),
+                      result_dir={out!r} + "/inrun")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[cap])
+trainer.fit(model, DataLoader(TensorDataset(x, y, torch.arange(50)), batch_size=8, shuffle=True))
+if trainer.is_global_zero:
+    torch.save({{s: v["weights"] for s, v in model.log_steps.items()}}, {out!r} + "/weights.pt")
+"""
+
+
+def test_ddp_in_run_queries_with_recorded_ids(tmp_path):
+    """Two DDP ranks, no ids_fn: ids recorded through Lightning's DistributedSampler cover every example once per
+    epoch, and the summed in-run result equals tracin_from_capture over both ranks' chunks."""
+    from lightning_attrib import load_results
+
+    script = tmp_path / "ddp_queries.py"
+    script.write_text(textwrap.dedent(DDP_QUERY_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    chunks = list(read_capture(tmp_path / "cap"))
+    ids, epochs = np.concatenate([c["ids"] for c in chunks]), np.concatenate([c["epoch"] for c in chunks])
+    assert sorted(ids[epochs == 0].tolist()) == list(range(50)) == sorted(ids[epochs == 1].tolist())
+    weights = torch.load(tmp_path / "weights.pt")
+    xq, yq = _digits(4, start=1500)
+    proj = capture_projector(tmp_path / "cap", _LitMLP())
+
+    def query_features(step):
+        proj.module.load_state_dict(weights[step])
+        return proj.features((xq, yq))
+
+    ref = tracin_from_capture(tmp_path / "cap", query_features, n_train=50)
+    got = load_results(tmp_path / "inrun")
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6 * np.abs(ref.scores).max())
+    np.testing.assert_allclose(got.self_influence, ref.self_influence, rtol=1e-5)

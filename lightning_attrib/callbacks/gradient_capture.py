@@ -81,7 +81,8 @@ from ..core.factorized import ALLOCATIONS, FactorizedProjector, LayerPlan
 from ..core.gradients import select_parameters
 from ..core.outputs import resolve_output
 
-PENDING_QUERY_BYTES = 256 << 20   # query features of captured steps not yet scored: a chunk is emitted beyond this
+PENDING_QUERY_BYTES = 256 << 20
+MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training   # query features of captured steps not yet scored: a chunk is emitted beyond this
 
 
 class _NullContext:
@@ -363,6 +364,12 @@ class GradientCapture(Callback):
                              "this train DataLoader has no batch sampler to record them from; pass ids_fn=")
         if self._n_train is None:
             raise ValueError("GradientCapture(query_dataset=...) needs a training dataset with __len__")
+        need = self._n_train * len(queries) * 8
+        if need > MAX_INRUN_BYTES:
+            raise ValueError(f"GradientCapture(query_dataset={'val' if self.query_dataset == 'val' else '...'}): the "
+                             f"in-run score matrix ({self._n_train} x {len(queries)} float64) would take "
+                             f"{need / 2**30:.1f} GiB; pass a smaller query_dataset, or query_dataset=None to capture "
+                             "features only")
         device = pl_module.device
         self._queries = _QueryPass(self.projector, pl_module, queries, collate, self.query_batch_size, device)
         self._inrun = InRunScores(self._n_train, len(queries), device)
