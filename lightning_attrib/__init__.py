@@ -18,6 +18,7 @@ _LAZY = {
     "snapshots_from": "lightning_attrib.standalone",
     "AttributionResult": "lightning_attrib.core.results",
     "load_results": "lightning_attrib.core.results",
+    "ensemble": "lightning_attrib.core.ensemble",
 }
 
 __all__ = ["__version__", *_LAZY]

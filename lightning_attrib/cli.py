@@ -347,8 +347,15 @@ def leakage(cfg: DictConfig) -> dict:
     return {"flags": report.flags, "out": str(path)}
 
 
+def ensemble(cfg: DictConfig) -> dict:
+    """Train one model per seed (a Hydra multirun) and merge their results into one ensemble result."""
+    from .ensemble_app import run
+
+    return run(cfg)
+
+
 APPS = {"train": train, "attribute": attribute, "subset": subset, "lds": lds, "modeldiff": modeldiff,
-        "leakage": leakage}
+        "leakage": leakage, "ensemble": ensemble}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .core.methods import FeatureMethod, make_method
 from .core.pipeline import Attributor, Snapshot
 from .core.results import AttributionResult, load_results
+from .core.snapshots import read_snapshot_index
 
 
 def snapshots_from(source: str | os.PathLike | Sequence[str | os.PathLike | Snapshot]) -> list[Snapshot]:
@@ -26,6 +27,8 @@ def snapshots_from(source: str | os.PathLike | Sequence[str | os.PathLike | Snap
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir() and (indexed := read_snapshot_index(path)) is not None:  # CheckpointCapture's own index
+            return indexed
         if path.is_dir():
             files = sorted(list(path.glob("*.pt")) + list(path.glob("*.ckpt")))
             if not files:

@@ -143,7 +143,7 @@ def test_checkpoint_capture_validates_arguments():
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer"):
         CheckpointCapture(every_n_epochs=0)
     with pytest.raises(ValueError, match="set every_n_epochs or every_n_steps"):
-        CheckpointCapture(every_n_epochs=None)
+        CheckpointCapture(every_n_epochs=None, num_snapshots=None)
 
 
 def test_unwritable_out_dir_fails_before_training(tmp_path):

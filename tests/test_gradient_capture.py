@@ -265,3 +265,159 @@ def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
         ref = proj.features((x[rec["ids"]], y[rec["ids"]]))
         assert rec["features"].dtype == torch.float32 and torch.isfinite(rec["features"]).all()
         assert (rec["features"] - ref).norm() < 0.05 * ref.norm()
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_in_run_tracin_with_known_queries_equals_snapshot_based(tmp_path, store):
+    """GradientCapture(query_dataset=...) scores during training; no ids_fn: the ids come from the recorded batch
+    sampler. Equal to tracin_from_capture with the queries featurized afterwards at every captured step's weights."""
+    from lightning_attrib import load_results
+
+    x, y = _digits(64)
+    xq, yq = _digits(5, start=1500)
+    data = TensorDataset(x, y, torch.arange(64))
+    torch.manual_seed(0)
+    model = _LitMLP()
+    out = tmp_path / "cap"
+    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, out_dir=out if store == "disk" else None,
+                          chunk_size=40, query_dataset=TensorDataset(xq, yq), result_dir=tmp_path / "inrun")
+    loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    _trainer(tmp_path, [cap], max_epochs=3).fit(model, loader)
+    for rec in cap.records:   # the recorded sampler indices are the batches' dataset ids
+        torch.testing.assert_close(rec["ids"], model.log_steps[rec["step"]]["ids"])
+    got = load_results(tmp_path / "inrun")
+    assert got.manifest["method"] == "tracin" and got.manifest["captured_steps"] == 6
+
+    if store == "memory":   # the reference reads chunk files: write the in-memory records as a capture
+        return
+    proj = capture_projector(out, _LitMLP())
+
+    def query_features(step):   # the snapshot-based recipe, with the weights of every captured step
+        proj.module.load_state_dict(model.log_steps[step]["weights"])
+        return proj.features((xq, yq))
+
+    ref = tracin_from_capture(out, query_features, n_train=64)
+    assert ref.steps == [0, 2, 4, 6, 8, 10]
+    scale = np.abs(ref.scores).max()
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6 * scale)
+    seen = ref.counts > 0
+    np.testing.assert_allclose(got.self_influence[seen], ref.self_influence[seen], rtol=1e-5)
+    assert np.isnan(got.self_influence[~seen]).all() and got.manifest["never_captured"] == int((~seen).sum()) > 0
+
+
+def test_in_run_queries_default_to_the_validation_set(tmp_path):
+    x, y = _digits(48)
+    xv, yv = _digits(7, start=1500)
+    torch.manual_seed(0)
+    cap = GradientCapture(proj_dim=24, chunk_size=100)
+    _trainer(tmp_path, [cap], max_epochs=1, limit_val_batches=0).fit(
+        _LitNet(), DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(xv, yv)))
+    res = cap.result
+    assert res is not None and res.scores.shape == (48, 7) and res.out_dir == tmp_path / "inrun_tracin"
+    assert not np.isnan(res.self_influence).any() and np.abs(np.asarray(res.scores)).max() > 0
+    cap2 = GradientCapture(proj_dim=24, chunk_size=100, result_dir=tmp_path / "none")
+    _trainer(tmp_path, [cap2], max_epochs=1).fit(_LitNet(), DataLoader(TensorDataset(x, y), batch_size=16))
+    assert cap2.result is None and not (tmp_path / "none").exists()   # no validation set: no queries
+
+
+class _LitMLPxy(_LitMLP):
+    """(x, y) batches: no dataset ids anywhere in the user's code."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass
+
+    def validation_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_attribution_callback_tracin_takes_the_capture(tmp_path, every):
+    """AttributionCallback(method="tracin") next to GradientCapture(): the in-run scores of the capture, as the
+    callback's standard result; uncaptured examples (every_n_steps=3) featurized post hoc, never 0; training
+    itself (weights, sampler order) is unchanged by the capture."""
+    from lightning_attrib import AttributionCallback, load_results
+
+    x, y = _digits(48)
+    xv, yv = _digits(6, start=1500)
+    train, val = TensorDataset(x, y), TensorDataset(xv, yv)
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        model = _LitMLPxy()
+        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        _trainer(tmp_path, callbacks, max_epochs=2).fit(model, loader, DataLoader(val))
+        return model
+
+    plain = fit([])
+    cap = GradientCapture(proj_dim=32, every_n_steps=every)
+    cb = AttributionCallback(method="tracin", out_dir=tmp_path / "attrib", log_images=False)
+    model = fit([cap, cb])
+    for k, v in plain.state_dict().items():     # the model ends fit with its final weights, same trajectory
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+    res = load_results(tmp_path / "attrib")
+    assert res.manifest["train_features"].startswith("GradientCapture") and "features" not in {
+        p.name for p in (tmp_path / "attrib").iterdir()}                       # no post-hoc feature store
+    captured = cap.captured_counts.numpy() > 0
+    np.testing.assert_allclose(np.asarray(res.scores)[captured], np.asarray(cap.result.scores)[captured], rtol=1e-6)
+    if every == 1:
+        assert captured.all() and res.manifest["post_hoc_examples"] == 0
+        return
+    missing = ~captured
+    assert missing.any() and res.manifest["post_hoc_examples"] == int(missing.sum())
+    fp = FactorizedProjector(model, resolve_output("loss"), cap.param_names, proj_dim=32, seed=0)
+    phi, psi = fp.features((x[missing], y[missing])).double(), fp.features((xv, yv)).double()
+    weight = cap.seen.numpy()[missing] * cap.last_lr
+    assert (cap.seen.numpy() == 2).all()                                      # 2 epochs: each example twice
+    np.testing.assert_allclose(np.asarray(res.scores)[missing], weight[:, None] * (phi @ psi.T).numpy(), rtol=1e-5,
+                               atol=1e-7)
+    assert (np.abs(np.asarray(res.scores)[missing]).max(1) > 0).all() and (res.self_influence[missing] > 0).all()
+
+
+DDP_QUERY_SCRIPT = """
+import sys, warnings
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, {root!r})
+from lightning_attrib.callbacks.gradient_capture import GradientCapture
+from tests.test_gradient_capture import _LitMLP, _digits
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+x, y = _digits(50)
+xq, yq = _digits(4, start=1500)
+torch.manual_seed(0)
+model = _LitMLP()
+cap = GradientCapture(proj_dim=30, seed=2, out_dir={out!r} + "/cap", chunk_size=20, query_dataset=TensorDataset(xq, yq),
+                      result_dir={out!r} + "/inrun")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[cap])
+trainer.fit(model, DataLoader(TensorDataset(x, y, torch.arange(50)), batch_size=8, shuffle=True))
+if trainer.is_global_zero:
+    torch.save({{s: v["weights"] for s, v in model.log_steps.items()}}, {out!r} + "/weights.pt")
+"""
+
+
+def test_ddp_in_run_queries_with_recorded_ids(tmp_path):
+    """Two DDP ranks, no ids_fn: ids recorded through Lightning's DistributedSampler cover every example once per
+    epoch, and the summed in-run result equals tracin_from_capture over both ranks' chunks."""
+    from lightning_attrib import load_results
+
+    script = tmp_path / "ddp_queries.py"
+    script.write_text(textwrap.dedent(DDP_QUERY_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    chunks = list(read_capture(tmp_path / "cap"))
+    ids, epochs = np.concatenate([c["ids"] for c in chunks]), np.concatenate([c["epoch"] for c in chunks])
+    assert sorted(ids[epochs == 0].tolist()) == list(range(50)) == sorted(ids[epochs == 1].tolist())
+    weights = torch.load(tmp_path / "weights.pt")
+    xq, yq = _digits(4, start=1500)
+    proj = capture_projector(tmp_path / "cap", _LitMLP())
+
+    def query_features(step):
+        proj.module.load_state_dict(weights[step])
+        return proj.features((xq, yq))
+
+    ref = tracin_from_capture(tmp_path / "cap", query_features, n_train=50)
+    got = load_results(tmp_path / "inrun")
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6 * np.abs(ref.scores).max())
+    np.testing.assert_allclose(got.self_influence, ref.self_influence, rtol=1e-5)

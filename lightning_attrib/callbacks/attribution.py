@@ -22,6 +22,7 @@ from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
+from .gradient_capture import captured_tracin
 
 
 class AttributionCallback(Callback):
@@ -181,10 +182,14 @@ class AttributionCallback(Callback):
         pl_module.to(dist.device)  # the strategy's teardown moved it to the CPU
         progress = _ProgressBars(enabled=trainer.is_global_zero and trainer.progress_bar_callback is not None)
         try:
-            attributor = Attributor(
-                pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
-                dist=dist, progress=progress, **self._attributor_kwargs())
-            self.result = attributor.run(snapshots)
+            # with GradientCapture on the Trainer: in-run scores from the capture (None when it does not apply)
+            self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
+                                          query_collate)
+            if self.result is None:
+                attributor = Attributor(
+                    pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
+                    dist=dist, progress=progress, **self._attributor_kwargs())
+                self.result = attributor.run(snapshots)
         except Exception as err:
             raise type(err)(
                 f"{err}\n[lightning-attrib] training finished and its weights/snapshots are kept; features computed so "

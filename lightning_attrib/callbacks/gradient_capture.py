@@ -45,7 +45,10 @@ matrices, and `tracin_from_capture` turns a capture into in-run TracIn scores:
 
 (`tests/test_gradient_capture.py` checks exactly this against per-example gradients at every step's weights.)
 The snapshots are what the query side needs: weights at every captured step. When queries are known before
-training, computing their features inside the run instead would avoid them; that is not implemented.
+training (`query_dataset`, by default the validation set), their features are computed inside the run at every
+captured step and the scores accumulate during training instead: no snapshots, no ids_fn (the batch sampler's
+indices are recorded), a standard result at the end of fit (`result`, `load_results(result_dir)`), and
+`AttributionCallback(method="tracin")` on the same Trainer takes it as its result (`captured_tracin`).
 
 Limitations: parameters outside Linear/Conv2d layers (norms, embeddings) cannot be captured this way;
 with `params=None` they are left out (listed in `skipped_params`), an explicit `params` selection that
@@ -69,9 +72,17 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from ..core.capture import FORMAT_VERSION, META_FIELDS, chunk_features_path, read_capture, runs, write_chunk
+from torch.utils.data import DataLoader, Dataset
+
+from ..core.batches import move_to
+from ..core.capture import (FORMAT_VERSION, META_FIELDS, BatchIndexRecorder, InRunScores, chunk_features_path,
+                            read_capture, runs, write_chunk)
 from ..core.factorized import ALLOCATIONS, FactorizedProjector, LayerPlan
 from ..core.gradients import select_parameters
+from ..core.outputs import resolve_output
+
+PENDING_QUERY_BYTES = 256 << 20
+MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training   # query features of captured steps not yet scored: a chunk is emitted beyond this
 
 
 class _NullContext:
@@ -175,14 +186,27 @@ class GradientCapture(Callback):
             (`records`), which suits short runs only: 8 KB per example at proj_dim=2048.
         chunk_size: rows per chunk (buffer and file). Two chunk buffers of chunk_size x proj_dim float32
             are preallocated on the module's device (64 MB at the defaults).
+        query_dataset: queries known before training: "val" (default: the first validation dataset, if the
+            fit has one), a map-style dataset, or None. At every captured step the queries' projected loss
+            gradients are computed at that step's weights (eval mode, before the optimizer step) and the in-run
+            TracIn scores sum_t lr_t phi_t(z_i) . psi_t(z_q) accumulate during training: no snapshots, no second
+            pass. The result is written at the end of fit (`load_results(result_dir)`) and kept in `result`.
+        query_batch_size: batch size of the query pass.
+        result_dir: where the in-run TracIn result goes (default `<trainer.default_root_dir>/inrun_tracin`).
+
+    Dataset ids: without `ids_fn`, the callback records the indices the training DataLoader's batch sampler
+    yields (`core.capture.BatchIndexRecorder`), so rows carry ids without changing the dataset or `training_step`.
     """
 
     def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal",
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
-                 out_dir: str | os.PathLike | None = None, chunk_size: int = 4096):
+                 out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
+                 query_dataset: Dataset | str | None = "val", query_batch_size: int = 256,
+                 result_dir: str | os.PathLike | None = None):
         super().__init__()
-        for name, val in (("proj_dim", proj_dim), ("every_n_steps", every_n_steps), ("chunk_size", chunk_size)):
+        for name, val in (("proj_dim", proj_dim), ("every_n_steps", every_n_steps), ("chunk_size", chunk_size),
+                          ("query_batch_size", query_batch_size)):
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if allocation not in ALLOCATIONS:
@@ -195,6 +219,17 @@ class GradientCapture(Callback):
         self.params, self.every_n_steps, self.ids_fn, self.reduction = params, every_n_steps, ids_fn, reduction
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.chunk_size = chunk_size
+        if not (query_dataset is None or query_dataset == "val" or hasattr(query_dataset, "__len__")):
+            raise TypeError(f"query_dataset must be 'val', None or a map-style dataset with __len__, got "
+                            f"{type(query_dataset).__name__}")
+        self.query_dataset, self.query_batch_size = query_dataset, query_batch_size
+        self.result_dir = Path(result_dir) if result_dir is not None else None
+        self.result = None
+        self._queries: _QueryPass | None = None
+        self._inrun: InRunScores | None = None
+        self._recorder: BatchIndexRecorder | None = None
+        self._n_train: int | None = None
+        self.query_source: Dataset | None = None   # the query dataset the in-run scores are against
         self.projector: FactorizedProjector | None = None
         self.param_names: list[str] = []
         self.skipped_params: list[str] = []
@@ -228,6 +263,7 @@ class GradientCapture(Callback):
         self._group: dict | None = None
         self._row_meta: tuple = ()
         self._ids: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}   # step -> query features, until that step's chunk is scored
 
     @property
     def state_key(self) -> str:
@@ -236,6 +272,8 @@ class GradientCapture(Callback):
     # -- setup ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        if stage == "fit" and self.ids_fn is None:
+            record_train_batch_indices(trainer)
         if self.projector is None:
             self._build_projector(pl_module)
         if self.out_dir is not None and stage == "fit":
@@ -300,8 +338,42 @@ class GradientCapture(Callback):
         # the writer thread's torch ops (the chunk expansion) run on one intra-op thread: the training keeps the rest
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="GradientCapture",
                                           initializer=torch.set_num_threads, initargs=(1,))
+        self._setup_ids_and_queries(trainer, pl_module)
         if self.every_n_steps == 1:  # every step is captured: keep the hooks for the whole fit
             self._add_hooks()
+
+    def _setup_ids_and_queries(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the training batches' dataset indices (no `ids_fn`), and prepare the query pass (`query_dataset`)."""
+        loader = _first_loader(trainer.train_dataloader)
+        dataset = getattr(loader, "dataset", None)
+        self._n_train = len(dataset) if hasattr(dataset, "__len__") else None
+        self._recorder = BatchIndexRecorder.installed(loader) if self.ids_fn is None else None
+        queries, collate = self.query_dataset, None
+        if queries == "val":
+            val = _first_loader(trainer.val_dataloaders)
+            source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+            if val is None and source is not None and source.is_defined():   # not set up yet (no sanity check)
+                requested = source.dataloader()
+                val = _first_loader(getattr(requested, "iterables", requested))
+            queries, collate = (val.dataset, val.collate_fn) if val is not None and hasattr(val, "dataset") else (None, None)
+        self._queries = self._inrun = None
+        if queries is None:
+            return
+        if self.ids_fn is None and self._recorder is None:
+            raise ValueError("GradientCapture(query_dataset=...) needs the dataset index of every training example: "
+                             "this train DataLoader has no batch sampler to record them from; pass ids_fn=")
+        if self._n_train is None:
+            raise ValueError("GradientCapture(query_dataset=...) needs a training dataset with __len__")
+        need = self._n_train * len(queries) * 8
+        if need > MAX_INRUN_BYTES:
+            raise ValueError(f"GradientCapture(query_dataset={'val' if self.query_dataset == 'val' else '...'}): the "
+                             f"in-run score matrix ({self._n_train} x {len(queries)} float64) would take "
+                             f"{need / 2**30:.1f} GiB; pass a smaller query_dataset, or query_dataset=None to capture "
+                             "features only")
+        device = pl_module.device
+        self._queries = _QueryPass(self.projector, pl_module, queries, collate, self.query_batch_size, device)
+        self._inrun = InRunScores(self._n_train, len(queries), device)
+        self.query_source = queries
 
     def _prepare_rank_dir(self) -> None:
         """Number new chunks after the existing ones; on resume, drop chunks written after the checkpoint."""
@@ -330,8 +402,17 @@ class GradientCapture(Callback):
     # -- hooks on the training step -------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        recorded = self._recorder.pop() if self._recorder is not None else None   # every batch: keeps the queue aligned
+        if self._inrun is not None:
+            ids = self.ids_fn(batch) if self.ids_fn is not None else recorded
+            if ids is not None:
+                self._inrun.saw(torch.as_tensor(ids))
         if step % self.every_n_steps:
             return
+        if self._queries is not None and step not in self._pending:   # once per step (gradient accumulation)
+            if len(self._pending) * self._queries.bytes_per_step >= PENDING_QUERY_BYTES:
+                self._emit()   # score the rows captured so far and let their steps' query features go
+            self._pending[step] = self._queries.features()
         if not self._handles:
             self._add_hooks()
         scale = float(trainer.accumulate_grad_batches)
@@ -340,7 +421,8 @@ class GradientCapture(Callback):
         lr = self._group["lr"] if self._group is not None else float("nan")
         self._base_scale = scale
         self._row_meta = (step, trainer.current_epoch, batch_idx, float(lr))
-        self._ids = self.ids_fn(batch) if self.ids_fn is not None else None
+        self._ids = self.ids_fn(batch) if self.ids_fn is not None else (
+            torch.tensor(recorded, dtype=torch.int64) if recorded is not None else None)
         self._n = None
         self._active = True
 
@@ -392,6 +474,43 @@ class GradientCapture(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish()
+        if self._inrun is not None:
+            self._write_result(trainer)
+
+    def _write_result(self, trainer: L.Trainer) -> None:
+        """The in-run TracIn result (summed over ranks), as a standard result: `load_results(result_dir)`."""
+        from ..core.results import write_result
+
+        inrun, strategy = self._inrun, trainer.strategy
+        self.seen = strategy.reduce(inrun.seen, reduce_op="sum").cpu()
+        self.captured_counts = strategy.reduce(inrun.counts, reduce_op="sum").cpu()
+        self.last_lr = float(self._group["lr"]) if self._group is not None else None
+        scores = strategy.reduce(inrun.scores, reduce_op="sum")
+        self_inf = strategy.reduce(inrun.self_influence, reduce_op="sum")
+        counts = strategy.reduce(inrun.counts, reduce_op="sum")
+        out = self.result_dir or Path(trainer.default_root_dir) / "inrun_tracin"
+        if trainer.is_global_zero:
+            never = counts == 0
+            self_inf = torch.where(never, torch.full_like(self_inf, float("nan")), self_inf)
+            manifest = {
+                "method": "tracin", "variant": "in-run: GradientCapture(query_dataset=...), queries featurized at "
+                "every captured step; self-influence NaN for examples never in a captured batch",
+                "output": "loss", "projector": "factorized",
+                "proj_dim": self.projector.proj_dim, "seed": self.seed, "n_train": inrun.n_train,
+                "n_query": inrun.n_query, "every_n_steps": self.every_n_steps, "captured_steps": len(inrun.steps),
+                "never_captured": int(never.sum()), "lr": "recorded at every captured step",
+                "world_size": trainer.world_size, "constant_self_influence": False, "self_influence_computed": True,
+                "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
+                "sign": "positive = the training example helps the query (lowers its loss)",
+            }
+            self.result = write_result(out, manifest=manifest, scores=scores.cpu().numpy(),
+                                       self_influence=self_inf.cpu().numpy(), train_ids=np.arange(inrun.n_train),
+                                       query_ids=np.arange(inrun.n_query))
+        strategy.barrier("GradientCapture.result")
+        if not trainer.is_global_zero:
+            from ..core.results import load_results
+
+            self.result = load_results(out)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._finish()
@@ -405,6 +524,7 @@ class GradientCapture(Callback):
         try:
             self._emit()
             self._wait()
+            self._pending.clear()
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
@@ -599,22 +719,32 @@ class GradientCapture(Callback):
             return
         rows, cpu = ch.rows, ch.device.type == "cpu"
         self._chunk = None
+        score = None
+        if self._inrun is not None:   # the in-run scores of this chunk's rows, against their steps' queries
+            meta = ch.row_meta()
+            queries = {int(t): self._pending.pop(int(t)) for t in np.unique(meta["step"])}
+            score = partial(self._inrun.add, meta=meta, queries=queries)
         if self.out_dir is None:
             if cpu:
-                ch.future = self._writer.submit(ch.expand, self._layers, True)
+                ch.future = self._writer.submit(_expand_and_score, ch, self._layers, score)
                 self._kept.append(ch)
             else:
-                self._kept.append((ch.expand(self._layers).cpu(), ch.row_meta()))
+                feats = ch.expand(self._layers)
+                if score is not None:
+                    score(feats)
+                self._kept.append((feats.cpu(), ch.row_meta()))
                 self._spare = ch
             return
         index = self._next_chunk
         self._next_chunk += 1
         meta = ch.row_meta()
         if cpu:
-            ch.future = self._writer.submit(_expand_and_write, ch, self._layers, self.rank_dir, index, meta)
+            ch.future = self._writer.submit(_expand_and_write, ch, self._layers, self.rank_dir, index, meta, score)
             self._spare = ch
             return
         feats = ch.expand(self._layers)
+        if score is not None:
+            score(feats)
         cur = self._cur
         if self._host_futures[cur] is not None:
             self._host_futures[cur].result()
@@ -673,6 +803,117 @@ class GradientCapture(Callback):
         return out
 
 
-def _expand_and_write(chunk: _Chunk, layers: list[_Layer], rank_dir: Path, index: int, meta: dict) -> None:
-    """Writer thread, CPU: expand the factored rows, then write the chunk."""
-    write_chunk(rank_dir, index, chunk.expand(layers), meta, None)
+def _expand_and_write(chunk: _Chunk, layers: list[_Layer], rank_dir: Path, index: int, meta: dict,
+                      score: Callable | None = None) -> None:
+    """Writer thread, CPU: expand the factored rows, score them against the queries (if any), write the chunk."""
+    feats = chunk.expand(layers)
+    if score is not None:
+        score(feats)
+    write_chunk(rank_dir, index, feats, meta, None)
+
+
+def _expand_and_score(chunk: _Chunk, layers: list[_Layer], score: Callable | None) -> torch.Tensor:
+    """Writer thread, CPU, in memory: expand the factored rows (releasing the factors), score them if asked."""
+    feats = chunk.expand(layers, True)
+    if score is not None:
+        score(feats)
+    return feats
+
+
+def record_train_batch_indices(trainer: L.Trainer) -> None:
+    """Have the fit's training DataLoader record its batches' dataset indices (`BatchIndexRecorder`), from its
+    first batch on: the loader is wrapped where the fit loop requests it, before its iterator exists. A loader
+    without a batch sampler is left alone (then `ids_fn` is needed)."""
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or getattr(source, "_attrib_recording", False) or not callable(getattr(source, "dataloader", None)):
+        return
+    request = source.dataloader
+
+    def dataloader():
+        loaders = request()
+        first = _first_loader(getattr(loaders, "iterables", loaders))
+        if first is not None and BatchIndexRecorder.installed(first) is None:
+            BatchIndexRecorder().install(first)
+        return loaders
+
+    source.dataloader = dataloader
+    source._attrib_recording = True
+
+
+def _first_loader(loaders: Any):
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+class _QueryPass:
+    """The queries' projected loss gradients at the module's current weights (eval mode), with the capture's own
+    projection (the same matrices, so phi_t(z_i) . psi_t(z_q) is the projected TracIn term)."""
+
+    def __init__(self, capture_projector: FactorizedProjector, module: nn.Module, dataset: Dataset,
+                 collate_fn: Callable | None, batch_size: int, device: torch.device):
+        lay = capture_projector.layout
+        self.projector = FactorizedProjector(module, resolve_output("loss"), capture_projector.param_names,
+                                             proj_dim=lay["requested_dim"], seed=lay["seed"],
+                                             allocation=lay["allocation"], kind=lay["kind"])
+        if self.projector.layout_hash != capture_projector.layout_hash:
+            raise RuntimeError("GradientCapture: the query projector's layout differs from the capture's")
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        self.batches = [move_to(b, device) for b in loader]   # queries are few: collated and moved once
+        self.n = len(dataset)
+        self.bytes_per_step = self.n * capture_projector.proj_dim * 4
+
+    def features(self) -> torch.Tensor:
+        feats = torch.cat([self.projector.features(b) for b in self.batches])
+        if feats.shape[0] != self.n:
+            raise ValueError(f"GradientCapture: the query loader gave {feats.shape[0]} examples for a query_dataset "
+                             f"of {self.n}: its __len__ and its items disagree")
+        return feats
+
+
+def captured_tracin(trainer: L.Trainer, pl_module: L.LightningModule, method: Any, train_dataset: Dataset,
+                    query_dataset: Dataset, out_dir: str | os.PathLike, train_collate: Callable | None = None,
+                    query_collate: Callable | None = None, batch_size: int = 64):
+    """TracIn for `AttributionCallback` from a `GradientCapture` on the same Trainer: the in-run scores it
+    accumulated during training (the training features come from the capture: no second pass, no snapshots),
+    written as the callback's standard result in `out_dir`. None when they do not apply (another method, a TracIn
+    with its own `lr`, no capture with queries, or other queries / training set): then the caller scores post hoc.
+
+    An example trained on but never in a captured batch (`every_n_steps` > 1) is featurized post hoc at the final
+    weights and scored as (times trained on) x last lr x phi(z_i) . psi(z_q), never left at 0; an example never
+    trained on scores 0 (it had no influence on this run)."""
+    if getattr(method, "name", None) != "tracin" or getattr(method, "lr", None) is not None:
+        return None
+    cap = next((c for c in trainer.callbacks if isinstance(c, GradientCapture) and c.result is not None), None)
+    if cap is None or cap.query_source is not query_dataset or cap.result.manifest["n_train"] != len(train_dataset):
+        return None
+    from ..core.results import load_results, write_result
+
+    out_dir = Path(out_dir)
+    if trainer.is_global_zero:
+        res = cap.result
+        scores = np.array(res.scores, dtype=np.float64)
+        self_inf = np.nan_to_num(np.array(res.self_influence, dtype=np.float64), nan=0.0)
+        seen, captured = cap.seen.numpy(), cap.captured_counts.numpy()
+        missing = np.flatnonzero((captured == 0) & (seen > 0))
+        if len(missing):
+            if cap.last_lr is None:
+                raise ValueError("GradientCapture recorded no learning rate: cannot score uncaptured examples")
+            device = pl_module.device
+            query = _QueryPass(cap.projector, pl_module, query_dataset, query_collate, batch_size, device)
+            train = _QueryPass(cap.projector, pl_module, torch.utils.data.Subset(train_dataset, missing.tolist()),
+                               train_collate, batch_size, device)
+            phi, psi = train.features().double().cpu(), query.features().double().cpu()
+            weight = torch.from_numpy(seen[missing] * cap.last_lr).double()
+            scores[missing] = (weight[:, None] * (phi @ psi.T)).numpy()
+            self_inf[missing] = (weight * phi.pow(2).sum(1)).numpy()
+        manifest = {**res.manifest, "train_features": "GradientCapture: captured during training (in-run TracIn)",
+                    "post_hoc_examples": int(len(missing)), "never_trained_on": int((seen == 0).sum()),
+                    "variant": "in-run TracIn from GradientCapture; examples never in a captured batch featurized post "
+                               "hoc at the final weights, scaled by how often they were trained on x the last lr"}
+        write_result(out_dir, manifest=manifest, scores=scores, self_influence=self_inf,
+                     train_ids=res.train_ids, query_ids=res.query_ids)
+    trainer.strategy.barrier("captured_tracin")
+    return load_results(out_dir)

@@ -185,3 +185,88 @@ def tracin_from_capture(capture_dir: str | os.PathLike, query_features_fn: Calla
     if scores is None:
         scores = torch.zeros(n_train, 0, dtype=torch.float64)
     return CapturedTracIn(scores.numpy(), self_inf.numpy(), counts.numpy(), steps, skipped)
+
+
+class InRunScores:
+    """In-run TracIn accumulated during training, chunk by chunk (queries known before training):
+    scores[i, q] += lr_t * phi_t(z_i) . psi_t(z_q) and self_influence[i] += lr_t ||phi_t(z_i)||^2 for every captured
+    row (example i at step t), psi_t the queries' projected loss gradients at step t's weights. The products are
+    float32 GEMMs added into float64 totals; the same sums as `tracin_from_capture` without snapshots or a re-read."""
+
+    def __init__(self, n_train: int, n_query: int, device: torch.device | str = "cpu"):
+        self.n_train, self.n_query = n_train, n_query
+        self.scores = torch.zeros(n_train, n_query, dtype=torch.float64, device=device)
+        self.self_influence = torch.zeros(n_train, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(n_train, dtype=torch.int64, device=device)   # captured rows per example
+        self.seen = torch.zeros(n_train, dtype=torch.int64, device=device)     # training batches per example
+        self.steps: list[int] = []
+
+    def saw(self, ids: torch.Tensor) -> None:
+        """Count one training batch's examples (captured or not): what an uncaptured example's estimate scales by."""
+        ids = torch.as_tensor(ids).reshape(-1).to(self.seen.device, torch.int64)
+        self.seen.index_add_(0, ids, torch.ones_like(ids))
+
+    def add(self, features: torch.Tensor, meta: dict[str, np.ndarray], queries: dict[int, torch.Tensor]) -> None:
+        """Rows of one chunk: `features` (m, k), `meta` its per-row step / lr / ids, `queries` step -> (Q, k)."""
+        device = self.scores.device
+        ids_all = torch.from_numpy(np.asarray(meta["ids"], dtype=np.int64)).to(device)
+        if len(ids_all) and (int(ids_all.min()) < 0 or int(ids_all.max()) >= self.n_train):
+            bad = int(ids_all.min()) if int(ids_all.min()) < 0 else int(ids_all.max())
+            raise ValueError(f"GradientCapture: a captured row has dataset id {bad}, outside [0, {self.n_train}): "
+                             "ids must index the training dataset")
+        for lo, hi in runs(meta["step"]):
+            step, lr = int(meta["step"][lo]), float(meta["lr"][lo])
+            if np.isnan(lr):
+                raise ValueError(f"GradientCapture: step {step} has no learning rate recorded (no optimizer?)")
+            phi = features[lo:hi].to(device, torch.float32)
+            ids = ids_all[lo:hi]
+            self.self_influence.index_add_(0, ids, lr * phi.double().pow(2).sum(1))
+            self.counts.index_add_(0, ids, torch.ones_like(ids))
+            psi = queries[step].to(device, torch.float32)
+            self.scores.index_add_(0, ids, (phi @ psi.T).double().mul_(lr))
+            if not self.steps or self.steps[-1] != step:
+                self.steps.append(step)
+
+
+class BatchIndexRecorder:
+    """Records the dataset indices of every batch a `DataLoader`'s batch sampler yields, in order, so a callback
+    learns which examples each training batch holds without changing the user's dataset or `training_step`.
+
+    Installed by swapping the batch sampler's class for a recording subclass that holds the recorder (a DataLoader
+    forbids replacing its sampler after construction; a framework that re-instantiates the batch sampler's class,
+    as Lightning does to insert a DistributedSampler, keeps recording). Indices are produced in the main process,
+    in the order the batches arrive, also with worker processes. `pop()` gives the next batch's indices; a new pass
+    over the loader starts a new queue. Must be installed before the loader's iterator is created.
+    """
+
+    def __init__(self):
+        self.queue: list[list[int]] = []
+
+    @staticmethod
+    def installed(loader) -> "BatchIndexRecorder | None":
+        """The recorder on `loader`'s batch sampler, if any."""
+        return getattr(type(getattr(loader, "batch_sampler", None)), "_attrib_recorder", None)
+
+    def install(self, loader) -> bool:
+        """Start recording `loader`'s batches; False when it has no batch sampler (iterable dataset, batch_size=None)."""
+        bs = getattr(loader, "batch_sampler", None)
+        if bs is None:
+            return False
+        if getattr(type(bs), "_attrib_recorder", None) is not None:
+            type(bs)._attrib_recorder = self
+            return True
+        base = type(bs)
+
+        def __iter__(sampler):
+            rec = type(sampler)._attrib_recorder
+            rec.queue.clear()               # a new pass (epoch): leftovers of an interrupted one are stale
+            for indices in base.__iter__(sampler):
+                rec.queue.append([int(i) for i in indices])
+                yield indices
+
+        bs.__class__ = type(base.__name__, (base,), {"__iter__": __iter__, "_attrib_recorder": self,
+                                                     "__module__": base.__module__})
+        return True
+
+    def pop(self) -> list[int] | None:
+        return self.queue.pop(0) if self.queue else None

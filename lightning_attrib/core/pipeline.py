@@ -34,6 +34,7 @@ from .dist import Dist, LocalDist
 from .io import BatchFingerprint, derive_seed, tensor_bytes
 from .lock import OutDirLock, OutDirLockedError
 from .sketch import make_projector
+from .linalg import TrainGram, use_dual_form
 from .gradients import PerExampleGradients, ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
@@ -479,18 +480,19 @@ class Attributor:
         device = self.dist.device
         dim = self._feature_dim(store, snapshots[0])
         kernels, q_sum = [], torch.zeros(self.n_train, dtype=torch.float64, device=device)
+        dual = getattr(self.method, "supports_dual", False) and use_dual_form(self.n_train, dim)
         for snap in snapshots:
-            kernel = torch.zeros(dim, dim, dtype=torch.float64, device=device) if self.method.needs_kernel else None
+            gram = (TrainGram(self.n_train, dim, dual, SCORE_DTYPES[self.score_dtype], device)
+                    if self.method.needs_kernel else None)
             for lo, hi, f, w in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
-                if kernel is not None:
-                    ft = torch.from_numpy(f).to(device, torch.float64)
-                    kernel += ft.T @ ft
+                if gram is not None:
+                    gram.add(lo, hi, f)
                 q_sum[lo:hi] += torch.from_numpy(w).to(device, torch.float64)
-            if kernel is not None:
-                kernels.append(self.dist.all_reduce_sum(kernel))
+            if gram is not None:
+                kernels.append(gram.reduce(self.dist))
         q_mean = self.dist.all_reduce_sum(q_sum) / len(snapshots)
-        return TrainStatistics([s.info for s in snapshots], self.n_train, dim,
-                               kernels=kernels or None, loss_weight=q_mean)
+        return TrainStatistics([s.info for s in snapshots], self.n_train, dim, kernels=None if dual else (kernels or None),
+                               train_features=kernels if dual else None, loss_weight=q_mean)
 
     def _feature_dim(self, store: FeatureStore, snap: Snapshot) -> int:
         return int(store.read_shard(snap.name, "train", 0)[0].shape[1])
@@ -500,8 +502,8 @@ class Attributor:
         out = torch.zeros(self.n_train, dtype=torch.float64, device=device)
         for c, snap in enumerate(snapshots):
             for lo, hi, f, _ in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
-                ft = torch.from_numpy(f).to(device, torch.float64)
-                out[lo:hi] += (ft * self.method.transform(c, ft)).sum(dim=1)
+                out[lo:hi] += self.method.self_scores(c, torch.from_numpy(f).to(device), SCORE_DTYPES[self.score_dtype],
+                                                      rows=(lo, hi))
         if weights is not None:
             out *= weights.to(device)
         return self.dist.all_reduce_sum(out).cpu().numpy()

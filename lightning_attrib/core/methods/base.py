@@ -35,6 +35,7 @@ class TrainStatistics:
     n_train: int
     proj_dim: int
     kernels: list[torch.Tensor] | None = None   # per snapshot, (k, k) float64: sum_i phi_i phi_i^T
+    train_features: list[torch.Tensor] | None = None  # dual form instead (n_train < k): per snapshot Phi (n, k) float64
     loss_weight: torch.Tensor | None = None     # (n_train,) float64: per-example Q averaged over snapshots
     extras: dict = field(default_factory=dict)
 
@@ -46,6 +47,7 @@ class FeatureMethod(ABC):
     output: str = "margin"          # output function whose gradients are the features ("margin" / "loss")
     snapshot_policy: str = "all"    # "all" captured snapshots, or "last" (the final weights)
     needs_kernel: bool = False
+    supports_dual: bool = False     # fit() also takes `train_features` (n x k rows) instead of k x k kernels when n < k
     needs_loss_weight: bool = False
     normalize_features: bool = False  # cosine-style methods: features are scaled to unit norm before use
     constant_self_influence: bool = False
@@ -57,6 +59,14 @@ class FeatureMethod(ABC):
     @abstractmethod
     def transform(self, snapshot_index: int, features: torch.Tensor) -> torch.Tensor:
         """T_c: map (m, k) float64 features of snapshot c to what training features are dotted with."""
+
+    def self_scores(self, snapshot_index: int, features: torch.Tensor, dtype: torch.dtype = torch.float64,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """phi_i . T_c(phi_i) per row, float64 (self-influence before w); `dtype` is the precision a method may
+        use for its big product (TRAK: a float32 triangular solve, squares summed in float64); `rows` = (lo, hi)
+        says `features` are training rows [lo, hi) of snapshot c (TRAK's dual form then reads them off G)."""
+        f = features.double()
+        return (f * self.transform(snapshot_index, f)).sum(dim=1)
 
     def train_weights(self) -> torch.Tensor | None:
         """w: (n_train,) per-training-example multiplier, or None for ones."""
