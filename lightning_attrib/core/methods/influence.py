@@ -435,7 +435,19 @@ class InfluenceFunction(FeatureMethod):
                 name = "ekfac"
                 self.solver_reason += "; full gradients requested (projector='identity'), so EK-FAC instead"
             self._resolve(name, output)
+        self._check_model(module, param_names)
         return "identity" if SOLVERS[self.solver].needs_gradients else projector
+
+    def _check_model(self, module: nn.Module, param_names: list[str]) -> None:
+        """Configuration errors the model shows before any featurization (explicit too large, EK-FAC unsupported)."""
+        named = dict(module.named_parameters())
+        p = int(sum(named[n].numel() for n in param_names))
+        if self.solver == "explicit" and p > self.max_params:
+            raise ValueError(
+                f"solver='explicit' forms the {p} x {p} curvature matrix; that is above max_params={self.max_params}. "
+                "Use solver='auto', 'cg', 'lissa', 'ekfac' or 'projected', restrict params=, or raise max_params.")
+        if self.solver == "ekfac":
+            check_supported(LayerEngine(module, param_names))
 
     # -- model-based preparation (called by Attributor.run before fit) -----------------------------------
     def prepare(self, ctx: ModelContext) -> None:
