@@ -313,3 +313,17 @@ def test_gpt2_style_conv1d_is_hooked_with_its_transposed_layout(kind):
     else:
         ref = _explicit(proj, net, output, batch)
         torch.testing.assert_close(proj(batch).double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+def test_a_layer_fed_sequence_first_outside_transformer_layers_is_refused_not_misread():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):                        # (B, L, 4) -> the Linear sees (L, B, 4)
+            return self.fc(x.transpose(0, 1)).mean(0)
+
+    proj = make_projector("tensorsketch", SeqFirst().double(), resolve_output("loss"), None, proj_dim=8, seed=0)
+    with pytest.raises(ValueError, match="not the batch"):
+        proj((torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5,))))

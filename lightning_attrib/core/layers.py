@@ -1,4 +1,4 @@
-"""The layer engine: which layers' per-example gradients factor, their hooks, and their (input, output-gradient) factors.
+"""The layer engine: which layers' per-example gradients factor, their hooks, and their (input, output-grad) factors.
 
 For every supported layer the per-example gradient of a scalar output f, arranged as a `d_out x d_in` matrix G
 (the layer's `to_matrix` layout: e.g. `[dW | db]` for a Linear, the bias as an input column of ones), is
@@ -404,7 +404,8 @@ class MHAKind(LayerKind):
         if not cls.patchable(m) or not usable(w):
             return None
         has_bias = m.in_proj_bias is not None and usable(b)
-        return Layer(name, "mha", m, [w, b] if has_bias else [w], 3 * m.embed_dim, m.embed_dim + int(has_bias), has_bias)
+        names = [w, b] if has_bias else [w]
+        return Layer(name, "mha", m, names, 3 * m.embed_dim, m.embed_dim + int(has_bias), has_bias)
 
     @staticmethod
     def terms(layer, saved, delta):
@@ -489,7 +490,7 @@ class Tape:
             output.register_hook(lambda g: on_grad(layer, kind.terms(layer, saved, g.detach())))
 
     def terms(self, scalar: torch.Tensor, retain_graph: bool = False) -> list[tuple[Layer, list[Term]]]:
-        """Backward of `scalar` to the recorded outputs -> per record (layer, terms); records off the path are left out."""
+        """Backward of `scalar` to the recorded outputs -> per record (layer, terms); records off its path are left out."""
         live = [r for r in self.records if r[2].requires_grad]
         if not live:
             return []
@@ -498,10 +499,11 @@ class Tape:
         for (layer, saved, _), g in zip(live, grads):
             if g is None:
                 continue
-            if self.batch_size is not None and g.shape[layer.batch_dim if layer.kind != "mha" else 0] != self.batch_size:
+            bdim = layer.batch_dim if layer.kind != "mha" else 0
+            if self.batch_size is not None and g.shape[bdim] != self.batch_size:
                 raise ValueError(
-                    f"layer {layer.name!r} ({type(layer.module).__name__}) saw a tensor of shape {tuple(g.shape)} whose "
-                    f"dim {layer.batch_dim} is not the batch ({self.batch_size} examples): its per-example gradient "
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) saw a tensor of shape {tuple(g.shape)} "
+                    f"whose dim {bdim} is not the batch ({self.batch_size} examples): its per-example gradient "
                     "cannot be read from hooks. Exclude its parameters with params=, or keep the batch in dim 0.")
             out.append((layer, KINDS[layer.kind].terms(layer, saved, g.detach())))
         return out

@@ -5,8 +5,8 @@ the terms (A_t, D_t) of its per-example gradient G = sum_t D_t A_t^T (d_out x d_
 ones), and each projector turns them into features without forming G (unless that is cheaper). Parameters the engine
 does not hook ("rest") go through `torch.func` per-example gradients and a dense seeded `RandomProjector`.
 
-Kronecker (`KroneckerProjector`, `projector="factorized"`): vec(P_out^T G P_in) = vec(sum_t (P_out^T D_t)(P_in^T A_t)^T),
-k_out x k_in per layer, the layers' blocks side by side.
+Kronecker (`KroneckerProjector`, `projector="factorized"`): vec(P_out^T G P_in) =
+vec(sum_t (P_out^T D_t)(P_in^T A_t)^T), k_out x k_in per layer, the layers' blocks side by side.
 
     How `proj_dim` is split (recorded in `layout`; the feature dim is exactly `proj_dim` unless that exceeds the number
     of selected parameters: then every block is kept exact, dim = num params)
@@ -343,7 +343,8 @@ class TensorSketchProjector(HookedProjector):
         signs = torch.randint(0, 2, (d,), generator=gen).float().mul_(2).sub_(1)
         return buckets, signs
 
-    def _pair_hash(self, layer: LayerPlan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_hash(self, layer: LayerPlan, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket (h_out(o) + h_in(i)) mod s and sign s_out(o) s_in(i) of every (o, i), row-major like vec(G)."""
         def make():
             h_out, s_out = self.count_sketch(layer, "out")
@@ -359,7 +360,8 @@ class TensorSketchProjector(HookedProjector):
         mat[torch.arange(layer.numel, device=self.device), buckets] = signs
         return mat
 
-    def _side(self, layer: LayerPlan, side: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _side(self, layer: LayerPlan, side: str, dtype: torch.dtype, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         def make():
             buckets, signs = self.count_sketch(layer, side)
             return buckets.to(device), signs.to(device, dtype)

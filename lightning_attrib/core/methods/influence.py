@@ -76,7 +76,8 @@ from .base import FeatureMethod, TrainStatistics
 from .context import ModelContext
 from .curvature import (MATRICES, BatchSource, Curvature, ModelFunction, conjugate_gradient, decay_vector,
                         power_iteration)
-from .ekfac import EKFAC
+from ..layers import LayerEngine
+from .ekfac import EKFAC, check_supported
 from .trak import solve_damped
 
 # lambda = DEFAULT_DAMPING_RATIO * mean eigenvalue of the empirical Fisher (as TRAK's default ratio). Digits LR
@@ -422,8 +423,31 @@ class InfluenceFunction(FeatureMethod):
         solver needs ("identity" for full-gradient solvers, else the requested one)."""
         if self.solver_requested == "auto":
             name, self.solver_reason = choose_solver(module, param_names, self.max_params)
+            if name == "projected" and projector == "identity":
+                # full gradients requested: the projected solver would invert a p x p kernel; EK-FAC works on them
+                try:
+                    check_supported(LayerEngine(module, param_names))
+                except ValueError as err:
+                    raise ValueError(
+                        f"influence with projector='identity' on {self.solver_reason.split(':')[0]}: the automatic "
+                        f"solver would be EK-FAC, which cannot run here ({err}). Use a projector such as "
+                        "'tensorsketch' (the default), restrict params=, or pick solver= yourself.") from None
+                name = "ekfac"
+                self.solver_reason += "; full gradients requested (projector='identity'), so EK-FAC instead"
             self._resolve(name, output)
+        self._check_model(module, param_names)
         return "identity" if SOLVERS[self.solver].needs_gradients else projector
+
+    def _check_model(self, module: nn.Module, param_names: list[str]) -> None:
+        """Configuration errors the model shows before any featurization (explicit too large, EK-FAC unsupported)."""
+        named = dict(module.named_parameters())
+        p = int(sum(named[n].numel() for n in param_names))
+        if self.solver == "explicit" and p > self.max_params:
+            raise ValueError(
+                f"solver='explicit' forms the {p} x {p} curvature matrix; that is above max_params={self.max_params}. "
+                "Use solver='auto', 'cg', 'lissa', 'ekfac' or 'projected', restrict params=, or raise max_params.")
+        if self.solver == "ekfac":
+            check_supported(LayerEngine(module, param_names))
 
     # -- model-based preparation (called by Attributor.run before fit) -----------------------------------
     def prepare(self, ctx: ModelContext) -> None:
