@@ -2,11 +2,9 @@
 error (the rows owned by the store / results / pipeline). Every test here failed on the code before the fix."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -16,9 +14,9 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, Snapshot, load_results
 from lightning_attrib.core.io import BatchFingerprint, file_sha256
-from lightning_attrib.core.lock import OutDirLock, OutDirLockedError
+from lightning_attrib.core.lock import OutDirLockedError
 from lightning_attrib.core.methods import make_method
-from lightning_attrib.core.results import ResultError, ResultStaging
+from lightning_attrib.core.results import ResultError
 from lightning_attrib.core.store import CorruptShardError, FeatureStore
 
 
