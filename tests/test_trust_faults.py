@@ -2,7 +2,6 @@
 error (the rows owned by the store / results / pipeline). Every test here failed on the code before the fix."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, Snapshot, load_results
 from lightning_attrib.core.io import BatchFingerprint, file_sha256
-from lightning_attrib.core.lock import OutDirLock, OutDirLockedError
+from lightning_attrib.core.lock import OutDirLockedError
 from lightning_attrib.core.methods import make_method
-from lightning_attrib.core.results import ResultError, ResultStaging
+from lightning_attrib.core.results import ResultError
 from lightning_attrib.core.store import CorruptShardError, FeatureStore
 
 
@@ -350,3 +349,17 @@ def test_lock_admits_one_writer_at_a_time_across_processes(tmp_path):
     flat = sorted(tuple(s) for proc in spans for s in proc)
     assert all(b[0] >= a[1] for a, b in zip(flat, flat[1:]))  # no two holders at once
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("damaged", ["settings.json", "final/fingerprint.json", "final/train/ids.npy",
+                                     "final/train/shard-000002.json", "final/query/loss_weight-000000.npy"])
+def test_damaged_store_metadata_is_recomputed(tmp_path, damaged):
+    train, query = _data(30), _data(4, seed=1)
+    good = _run(tmp_path / "run", train, query)
+    path = tmp_path / "run" / "features" / "margin" / damaged
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = _run(tmp_path / "run", train, query)
+    assert any("recomputing" in str(w.message) for w in caught)
+    _assert_same(again, good)

@@ -19,6 +19,7 @@ a complete new one, or an error, never a mix (a crash mid-publish leaves no mani
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -168,8 +169,6 @@ def _open_array(path: Path, entry: dict | None, mmap: bool, verify: bool) -> np.
             if size != entry.get("size"):
                 problem = f"{size} bytes, the manifest lists {entry.get('size')}"
             elif verify:
-                import hashlib
-
                 h = hashlib.sha256()
                 while block := fh.read(1 << 22):
                     h.update(block)

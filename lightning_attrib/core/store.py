@@ -124,7 +124,10 @@ class FeatureStore:
         `replace` delete them (with a warning) so that they are recomputed."""
         path = self.root / snapshot / "fingerprint.json"
         if path.exists():
-            stored = json.loads(path.read_text())["fingerprint"]
+            try:
+                stored = json.loads(path.read_text())["fingerprint"]
+            except (OSError, ValueError, KeyError, TypeError):
+                stored = "unreadable"  # damaged: its features cannot be trusted either
             if stored != fingerprint and replace:
                 warnings.warn(f"recomputing the features of snapshot {snapshot!r}: its weights changed",
                               RuntimeWarning, stacklevel=2)
@@ -160,6 +163,8 @@ class FeatureStore:
             except (OSError, ValueError):
                 old = np.zeros(0, np.int64)
             if (old.shape != ids.shape or not np.array_equal(old, ids)) and replace:
+                warnings.warn(f"recomputing the {split} features of snapshot {snapshot!r}: the store holds "
+                              f"{old.shape[0]} examples, this run {ids.shape[0]}", RuntimeWarning, stacklevel=2)
                 shutil.rmtree(d)
             elif old.shape != ids.shape or not np.array_equal(old, ids):
                 raise StoreMismatchError(
