@@ -270,3 +270,21 @@ def test_attribution_step_hook_takes_over_reading():
         ref = resolve_output(kind, module=module.net, sample=(x, y))
         torch.testing.assert_close(PerExampleGradients(module, out)(batch), PerExampleGradients(module.net, ref)((x, y)))
         torch.testing.assert_close(out.loss_weight(module, batch), ref.loss_weight(module.net, (x, y)))
+
+
+def test_huggingface_model_zero_config():
+    """A HuggingFace sequence classifier (dict batches with extra keys, output object with .logits)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    batch = {"input_ids": torch.randint(0, 30, (B, 7)), "attention_mask": torch.ones(B, 7, dtype=torch.long),
+             "token_type_ids": torch.zeros(B, 7, dtype=torch.long), "labels": torch.randint(0, 3, (B,)),
+             "example_id": torch.arange(B)}
+    out = resolve_output("margin", module=model, sample=batch)
+    assert isinstance(out.task, MultiClass)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "example_id")}).logits
+    from lightning_attrib.core.tasks import margin_from_logits
+
+    torch.testing.assert_close(out(model, batch), margin_from_logits(logits, batch["labels"]))

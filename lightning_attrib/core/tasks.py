@@ -34,6 +34,7 @@ from .batches import INPUT_KEYS, TARGET_KEYS, BatchFormatError
 
 KINDS = ("margin", "loss")
 IGNORE_INDEX = -100
+DETECT_EXAMPLES = 32  # examples the task is detected from (0/1 float targets of a regression are unlikely in 32)
 HOOK_NAME = "attribution_step"
 
 
@@ -552,7 +553,7 @@ def resolve_output(output: str | Task | OutputFunction | Callable | None = None,
     method's), a task name ("regression", "logistic", "multiclass", "causal-lm", "masked-lm") or `Task` instance,
     an `OutputFunction`, or a callable (it must say its Q: `CustomOutput(fn, loss_weight=...)`, when `method` uses Q).
     A module with `attribution_step(batch) -> (prediction, target)` supplies prediction and target itself.
-    With `module` and a `sample` batch (or a `dataset` and its `collate_fn`: its first two examples) the task is
+    With `module` and a `sample` batch (or a `dataset` and its `collate_fn`: its first DETECT_EXAMPLES examples) the task is
     detected now (so `.name` is final); else at the first call.
     """
     kind = default if default in KINDS else "margin"
@@ -583,7 +584,7 @@ def resolve_output(output: str | Task | OutputFunction | Callable | None = None,
             "loss_weight='ones')`, or pass method_kwargs={'use_q': False}; or drop output_fn and define "
             f"`{HOOK_NAME}(self, batch) -> (prediction, target)` on your module to get a built-in task with its Q")
     if isinstance(out, TaskOutput) and out.task is None and module is not None and (sample is not None or dataset is not None):
-        batch = sample if sample is not None else sample_batch(dataset, collate_fn, module_device(module))
+        batch = sample if sample is not None else sample_batch(dataset, collate_fn, module_device(module), DETECT_EXAMPLES)
         if batch is not None:
             was_training = module.training
             module.eval()
