@@ -283,3 +283,25 @@ def test_settings_logged_as_hyperparameters_and_features_removed(tmp_path):
     assert not (tmp_path / "attrib" / "features").exists()
     assert load_results(tmp_path / "attrib").scores.shape == (40, 10)
     assert json.loads((tmp_path / "attrib" / "manifest.json").read_text())["output"] == "margin"
+
+
+def test_meta_column_is_not_taken_as_the_target(tmp_path):
+    """`(x, meta_float, y)` batches with forward(x): the target is y (the last element), the scores equal those of
+    `(x, y)` batches."""
+    train, val = digits()
+    meta = lambda d: TensorDataset(d.tensors[0], torch.rand(len(d)), d.tensors[1])  # noqa: E731
+    scores = {}
+    for name, (tr, va) in {"xy": (train, val), "xmy": (meta(train), meta(val))}.items():
+        L.seed_everything(0)
+
+        class M(LitClassifier):
+            def training_step(self, batch, i):
+                return F.cross_entropy(self(batch[0]), batch[-1])
+
+            def validation_step(self, batch, i):
+                pass
+
+        cb = AttributionCallback(proj_dim=16, out_dir=tmp_path / name)
+        make_trainer(tmp_path, cb).fit(M(arch="logreg"), DataLoader(tr, batch_size=10), DataLoader(va, batch_size=10))
+        scores[name] = np.asarray(cb.result.scores)
+    np.testing.assert_allclose(scores["xmy"], scores["xy"], rtol=1e-5, atol=1e-8)

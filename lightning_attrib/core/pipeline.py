@@ -150,7 +150,8 @@ class Attributor:
         self.dist = dist or LocalDist()
         if self.dist.rank == 0:
             ensure_writable_dir(self.out_dir, "out_dir")
-        self.output = resolve_output(output_fn, default=method.output, module=module, method=method, dataset=train_dataset, collate_fn=collate_fn)
+        self.output = resolve_output(output_fn, default=method.output, module=module, method=method,
+                                     dataset=train_dataset, collate_fn=collate_fn)  # task detected from the data
         self.param_names = select_parameters(module, params)
         self.proj_dim, self.projector_kind, self.seed = proj_dim, projector, seed
         self.batch_size, self.shard_size, self.query_chunk = batch_size, shard_size, query_chunk
