@@ -192,6 +192,7 @@ def test_reader_uses_forward_signature_and_last_element_as_target():
     (torch.randn(4, 1), torch.tensor([0, 1, 2, 1]), "outside"),
     (torch.randn(4, 3), torch.randint(0, 3, (5,)), "batch size"),
     (torch.randn(4, 6, 5), torch.randint(0, 5, (4, 2)), "no built-in task fits"),
+    (torch.randn(4, 3), torch.tensor([[0.0], [1.0], [2.0], [1.0]]), "no built-in task fits"),
 ])
 def test_detection_refuses_targets_that_do_not_fit(pred, target, match):
     with pytest.raises(TaskConfigError, match=match):
@@ -203,6 +204,11 @@ def test_detection_picks_logistic_for_01_float_targets_and_regression_otherwise(
     assert isinstance(detect_task(torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0])), Logistic)
     assert isinstance(detect_task(torch.randn(4, 1), torch.tensor([0.5, 1.0, 1.0, 0.0])), Regression)
     assert isinstance(detect_task(torch.randn(4, 2), torch.tensor([0, 1, 1, 0])), MultiClass)
+    column = torch.tensor([[0], [2], [1], [2]])  # class indices as a (B, 1) column
+    logits = torch.randn(4, 3)
+    task = detect_task(logits, column)
+    assert isinstance(task, MultiClass)
+    torch.testing.assert_close(task.margin(logits, column), task.margin(logits, column.view(-1)))
 
 
 def test_callable_output_must_say_its_q():

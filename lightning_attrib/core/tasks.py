@@ -212,10 +212,10 @@ class MultiClass(Task):
     name = "multiclass"
 
     def margin(self, pred, target):
-        return margin_from_logits(pred, target)
+        return margin_from_logits(pred, target.reshape(-1))
 
     def loss(self, pred, target):
-        return F.cross_entropy(pred, target.long(), reduction="none")
+        return F.cross_entropy(pred, target.reshape(-1).long(), reduction="none")
 
     def loss_weight(self, pred, target):
         p = torch.softmax(pred.double(), dim=-1).gather(-1, target.long().view(-1, 1)).squeeze(-1)
@@ -223,7 +223,7 @@ class MultiClass(Task):
 
     def check(self, pred, target):
         _check_class_targets(target, pred.shape[-1], "(B, C) logits")
-        if target.shape != pred.shape[:1]:
+        if target.reshape(-1).shape != pred.shape[:1]:
             raise TaskConfigError(f"multi-class targets must have shape (B,) = {tuple(pred.shape[:1])} for logits of "
                                   f"shape {tuple(pred.shape)}, got {tuple(target.shape)}")
 
@@ -385,7 +385,8 @@ def detect_task(pred: torch.Tensor, target: Any, inputs: ModelInputs | None = No
         if not integer:
             _check_class_targets(target, pred.shape[-1], "(B, T, V) token logits")
         return TokenSequence(shift=_is_causal(target, inputs))
-    if pred.ndim == 2 and pred.shape[1] >= 2 and target.ndim == 1:
+    if pred.ndim == 2 and pred.shape[1] >= 2 and (target.ndim == 1 or target.shape[1:] == (1,)) and (
+            integer or target.ndim == 1):  # class indices, also as a (B, 1) column
         if not integer:
             _check_class_targets(target, pred.shape[-1], "(B, C) logits")
         return MultiClass()
