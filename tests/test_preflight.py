@@ -283,3 +283,43 @@ def test_settings_logged_as_hyperparameters_and_features_removed(tmp_path):
     assert not (tmp_path / "attrib" / "features").exists()
     assert load_results(tmp_path / "attrib").scores.shape == (40, 10)
     assert json.loads((tmp_path / "attrib" / "manifest.json").read_text())["output"] == "margin"
+
+
+def test_meta_column_is_not_taken_as_the_target(tmp_path):
+    """`(x, meta_float, y)` batches with forward(x): the target is y (the last element), the scores equal those of
+    `(x, y)` batches."""
+    train, val = digits()
+    meta = lambda d: TensorDataset(d.tensors[0], torch.rand(len(d)), d.tensors[1])  # noqa: E731
+    scores = {}
+    for name, (tr, va) in {"xy": (train, val), "xmy": (meta(train), meta(val))}.items():
+        L.seed_everything(0)
+
+        class M(LitClassifier):
+            def training_step(self, batch, i):
+                return F.cross_entropy(self(batch[0]), batch[-1])
+
+            def validation_step(self, batch, i):
+                pass
+
+        cb = AttributionCallback(proj_dim=16, out_dir=tmp_path / name)
+        make_trainer(tmp_path, cb).fit(M(arch="logreg"), DataLoader(tr, batch_size=10), DataLoader(va, batch_size=10))
+        scores[name] = np.asarray(cb.result.scores)
+    np.testing.assert_allclose(scores["xmy"], scores["xy"], rtol=1e-5, atol=1e-8)
+
+
+def test_numerics_of_two_examples_are_not_configuration_errors(tmp_path):
+    """CG on the indefinite Hessian of two examples fails where the run may not: a warning, not an error; a true
+    configuration error (EK-FAC on LayerNorm) is still raised although it also fails with strong damping."""
+    from lightning_attrib.core.methods import make_method
+    from lightning_attrib.core.preflight import preflight
+
+    train, val = digits(100, 10)
+    torch.manual_seed(0)
+    model = LitClassifier(arch="mlp", hidden=32)
+    with pytest.warns(RuntimeWarning, match="works with more damping"):
+        report = preflight(model, make_method("influence", solver="cg", matrix="hessian"), train, val,
+                           tmp_path / "attrib", projector="identity")
+    assert report.output == "loss" and not (tmp_path / "attrib" / "features").exists()
+    with pytest.raises(ValueError, match="EK-FAC"):
+        preflight(Net(nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 10))),
+                  make_method("influence", solver="ekfac"), train, val, tmp_path / "attrib", projector="identity")

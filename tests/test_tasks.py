@@ -192,6 +192,7 @@ def test_reader_uses_forward_signature_and_last_element_as_target():
     (torch.randn(4, 1), torch.tensor([0, 1, 2, 1]), "outside"),
     (torch.randn(4, 3), torch.randint(0, 3, (5,)), "batch size"),
     (torch.randn(4, 6, 5), torch.randint(0, 5, (4, 2)), "no built-in task fits"),
+    (torch.randn(4, 3), torch.tensor([[0.0], [1.0], [2.0], [1.0]]), "no built-in task fits"),
 ])
 def test_detection_refuses_targets_that_do_not_fit(pred, target, match):
     with pytest.raises(TaskConfigError, match=match):
@@ -203,6 +204,11 @@ def test_detection_picks_logistic_for_01_float_targets_and_regression_otherwise(
     assert isinstance(detect_task(torch.randn(4, 1), torch.tensor([0.0, 1.0, 1.0, 0.0])), Logistic)
     assert isinstance(detect_task(torch.randn(4, 1), torch.tensor([0.5, 1.0, 1.0, 0.0])), Regression)
     assert isinstance(detect_task(torch.randn(4, 2), torch.tensor([0, 1, 1, 0])), MultiClass)
+    column = torch.tensor([[0], [2], [1], [2]])  # class indices as a (B, 1) column
+    logits = torch.randn(4, 3)
+    task = detect_task(logits, column)
+    assert isinstance(task, MultiClass)
+    torch.testing.assert_close(task.margin(logits, column), task.margin(logits, column.view(-1)))
 
 
 def test_callable_output_must_say_its_q():
@@ -270,3 +276,21 @@ def test_attribution_step_hook_takes_over_reading():
         ref = resolve_output(kind, module=module.net, sample=(x, y))
         torch.testing.assert_close(PerExampleGradients(module, out)(batch), PerExampleGradients(module.net, ref)((x, y)))
         torch.testing.assert_close(out.loss_weight(module, batch), ref.loss_weight(module.net, (x, y)))
+
+
+def test_huggingface_model_zero_config():
+    """A HuggingFace sequence classifier (dict batches with extra keys, output object with .logits)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    batch = {"input_ids": torch.randint(0, 30, (B, 7)), "attention_mask": torch.ones(B, 7, dtype=torch.long),
+             "token_type_ids": torch.zeros(B, 7, dtype=torch.long), "labels": torch.randint(0, 3, (B,)),
+             "example_id": torch.arange(B)}
+    out = resolve_output("margin", module=model, sample=batch)
+    assert isinstance(out.task, MultiClass)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "example_id")}).logits
+    from lightning_attrib.core.tasks import margin_from_logits
+
+    torch.testing.assert_close(out(model, batch), margin_from_logits(logits, batch["labels"]))

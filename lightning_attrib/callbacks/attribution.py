@@ -138,7 +138,7 @@ class AttributionCallback(Callback):
         if self.check_before_fit:
             train_ds, collate = self._train_data(trainer)
             query_ds, _ = self._query_data(trainer)
-            method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
+            method = self._method()
             for what, ds in (("train_dataset", train_ds), ("query_dataset", query_ds)):
                 warn_if_augmented(ds, what)
             if train_ds is not None and hasattr(train_ds, "__len__"):
@@ -149,6 +149,10 @@ class AttributionCallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_hyperparams({"attribution": self.settings()})
+
+    def _method(self) -> FeatureMethod:
+        """A fresh method object (a name is instantiated with method_kwargs), or the user's instance."""
+        return self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
 
     def settings(self) -> dict[str, Any]:
         """The attribution settings (what the W&B config and the other loggers' hyperparameters record)."""
@@ -175,7 +179,7 @@ class AttributionCallback(Callback):
             return
         train_ds, collate = self._train_data(trainer)
         query_ds, query_collate = self._query_data(trainer)
-        method = self.method if isinstance(self.method, FeatureMethod) else make_method(self.method, **self.method_kwargs)
+        method = self._method()
         capture = next((c for c in trainer.callbacks if isinstance(c, CheckpointCapture)), None)
         snapshots = capture.snapshots if capture is not None and capture.records else None
         dist = LightningDist(trainer.strategy)
@@ -290,7 +294,8 @@ class AttributionCallback(Callback):
         self.metrics = metrics
         make_reporter(trainer).report(
             res, metrics, train_ds=train_ds, query_ds=query_ds, train_pred=train_pred, query_pred=query_pred,
-            truth=truth, to_image=self.to_image, to_display=self.to_display, log_images=self.log_images, num_suspects=self.num_suspects,
+            truth=truth, to_image=self.to_image, to_display=self.to_display, log_images=self.log_images,
+            num_suspects=self.num_suspects,
             num_gallery_queries=self.num_gallery_queries, gallery_k=self.gallery_k, leakage=self.leakage_report)
         rank_zero_info(f"[lightning-attrib] {res.manifest['method']} scores for {res.manifest['n_train']} training x "
                        f"{res.manifest['n_query']} query examples written to {self.out_dir}")

@@ -157,7 +157,7 @@ class Attributor:
         self.out_dir = Path(out_dir)
         self.dist = dist or LocalDist()
         self.output = resolve_output(output_fn, default=method.output, module=module, method=method,
-                                     dataset=train_dataset, collate_fn=collate_fn)
+                                     dataset=train_dataset, collate_fn=collate_fn)  # task detected from the data
         self.param_names = select_parameters(module, params)
         choose = getattr(method, "choose_projector", None)  # e.g. influence solvers that need full gradients
         if callable(choose):

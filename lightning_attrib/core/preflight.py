@@ -130,6 +130,24 @@ class _kept_random_state:
         return False
 
 
+QUICK_ITERATIONS = 20  # iterative solvers' caps in the preflight (two examples need no more; keeps it seconds)
+
+
+def quick_copy(method: FeatureMethod, damped: bool = False) -> FeatureMethod:
+    """A copy of `method` for the preflight: iteration caps lowered to QUICK_ITERATIONS; with `damped`, the damping
+    raised a million-fold, which makes any curvature well-posed."""
+    m = copy.deepcopy(method)
+    for attr in ("cg_max_iter", "lissa_depth"):
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, min(getattr(m, attr), QUICK_ITERATIONS))
+    if damped:
+        if getattr(m, "damping", None) is not None:
+            m.damping = max(float(m.damping) * 1e6, 1.0)
+        if isinstance(getattr(m, "damping_ratio", None), (int, float)):
+            m.damping_ratio = max(float(m.damping_ratio) * 1e6, 1e6)
+    return m
+
+
 def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
               out_dir: str | os.PathLike, *, output_fn: Any = None, collate_fn: Callable | None = None,
               device: torch.device | str | None = None, num_examples: int = 2, **attributor_kwargs) -> PreflightReport:
@@ -172,13 +190,28 @@ def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, 
         sub_query = Subset(query_dataset, range(min(num_examples, n_query)))
         kwargs = {k: v for k, v in attributor_kwargs.items() if k not in ("dist", "progress")}
         with tempfile.TemporaryDirectory(prefix="lightning-attrib-preflight-") as tmp:
-            try:
-                mini = Attributor(module, copy.deepcopy(method), sub_train, sub_query, tmp, output_fn=output,
+
+            def mini_run(m: FeatureMethod, where: str):
+                mini = Attributor(module, m, sub_train, sub_query, Path(tmp) / where, output_fn=output,
                                   collate_fn=collate_fn, dist=LocalDist(device), **kwargs)
-                result = mini.run(None)
+                with warnings.catch_warnings():  # conditioning warnings on two examples say nothing about the run
+                    warnings.simplefilter("ignore")
+                    return mini, mini.run(None)
+
+            try:
+                mini, result = mini_run(quick_copy(method), "run")
             except Exception as err:
-                _raise(err, "featurizing, fitting and scoring")
-            arrays = [("scores", np.load(Path(tmp) / f)) for f in result.files if f.endswith(".npy") and "ids" not in f]
+                # Curvature on two examples can be singular or indefinite where the full training set is not: if
+                # the same path succeeds with strong damping, the failure was numerical, not a configuration error.
+                try:
+                    mini, result = mini_run(quick_copy(method, damped=True), "damped")
+                except Exception:
+                    _raise(err, "featurizing, fitting and scoring")
+                warnings.warn(f"{PREFIX}: the method's numerics failed on two examples ({err}) but the same "
+                              "configuration works with more damping; if attribution fails after training, raise the "
+                              "damping.", RuntimeWarning, stacklevel=2)
+            arrays = [("scores", np.load(Path(result.out_dir) / f)) for f in result.files
+                      if f.endswith(".npy") and "ids" not in f]
             if result.manifest.get("self_influence_computed", True):
                 arrays.append(("self-influence", np.asarray(result.self_influence)))
             bad = [name for name, arr in arrays

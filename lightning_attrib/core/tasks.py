@@ -34,6 +34,7 @@ from .batches import INPUT_KEYS, TARGET_KEYS, BatchFormatError
 
 KINDS = ("margin", "loss")
 IGNORE_INDEX = -100
+DETECT_EXAMPLES = 32  # examples the task is detected from (0/1 float targets of a regression are unlikely in 32)
 HOOK_NAME = "attribution_step"
 
 
@@ -87,7 +88,8 @@ def read_batch(module: nn.Module, batch: Any) -> tuple[ModelInputs, Any]:
             raise BatchFormatError(
                 f"cannot find the targets in a dict batch with keys {sorted(batch)}: expected one of {TARGET_KEYS}. "
                 f"Rename the label key, or define `{HOOK_NAME}(self, batch) -> (prediction, target)` on your "
-                "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom output.")
+                "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom "
+                "output.")
         _, _, names, var_kw = _forward_signature(module)
         kwargs = {k: v for k, v in batch.items() if k != y_key and k in names}
         if kwargs:
@@ -101,7 +103,8 @@ def read_batch(module: nn.Module, batch: Any) -> tuple[ModelInputs, Any]:
             f"cannot find the inputs in a dict batch with keys {sorted(batch)}: no key names a parameter of "
             f"{type(module).__name__}.forward{_signature_text(module)} and none is one of {INPUT_KEYS}. Name the keys "
             f"after forward's parameters, or define `{HOOK_NAME}(self, batch) -> (prediction, target)` on your "
-            "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom output.")
+            "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom "
+            "output.")
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
         req, n_pos, _, _ = _forward_signature(module)
         n_inputs = max(1, min(len(batch) - 1, n_pos))
@@ -114,7 +117,8 @@ def read_batch(module: nn.Module, batch: Any) -> tuple[ModelInputs, Any]:
     raise BatchFormatError(
         f"cannot read a batch of type {type(batch).__name__}: expected a tuple/list (inputs..., target) or a dict with "
         f"a label key ({TARGET_KEYS}). Define `{HOOK_NAME}(self, batch) -> (prediction, target)` on your "
-        "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom output.")
+        "LightningModule to tell lightning-attrib how to read your batches. Pass `output_fn=` for a custom "
+        "output.")
 
 
 def _signature_text(module: nn.Module) -> str:
@@ -208,10 +212,10 @@ class MultiClass(Task):
     name = "multiclass"
 
     def margin(self, pred, target):
-        return margin_from_logits(pred, target)
+        return margin_from_logits(pred, target.reshape(-1))
 
     def loss(self, pred, target):
-        return F.cross_entropy(pred, target.long(), reduction="none")
+        return F.cross_entropy(pred, target.reshape(-1).long(), reduction="none")
 
     def loss_weight(self, pred, target):
         p = torch.softmax(pred.double(), dim=-1).gather(-1, target.long().view(-1, 1)).squeeze(-1)
@@ -219,7 +223,7 @@ class MultiClass(Task):
 
     def check(self, pred, target):
         _check_class_targets(target, pred.shape[-1], "(B, C) logits")
-        if target.shape != pred.shape[:1]:
+        if target.reshape(-1).shape != pred.shape[:1]:
             raise TaskConfigError(f"multi-class targets must have shape (B,) = {tuple(pred.shape[:1])} for logits of "
                                   f"shape {tuple(pred.shape)}, got {tuple(target.shape)}")
 
@@ -381,7 +385,8 @@ def detect_task(pred: torch.Tensor, target: Any, inputs: ModelInputs | None = No
         if not integer:
             _check_class_targets(target, pred.shape[-1], "(B, T, V) token logits")
         return TokenSequence(shift=_is_causal(target, inputs))
-    if pred.ndim == 2 and pred.shape[1] >= 2 and target.ndim == 1:
+    if pred.ndim == 2 and pred.shape[1] >= 2 and (target.ndim == 1 or target.shape[1:] == (1,)) and (
+            integer or target.ndim == 1):  # class indices, also as a (B, 1) column
         if not integer:
             _check_class_targets(target, pred.shape[-1], "(B, C) logits")
         return MultiClass()
@@ -552,15 +557,13 @@ def resolve_output(output: str | Task | OutputFunction | Callable | None = None,
     method's), a task name ("regression", "logistic", "multiclass", "causal-lm", "masked-lm") or `Task` instance,
     an `OutputFunction`, or a callable (it must say its Q: `CustomOutput(fn, loss_weight=...)`, when `method` uses Q).
     A module with `attribution_step(batch) -> (prediction, target)` supplies prediction and target itself.
-    With `module` and a `sample` batch (or a `dataset` and its `collate_fn`: its first two examples) the task is
-    detected now (so `.name` is final); else at the first call.
+    With `module` and a `sample` batch (or a `dataset` and its `collate_fn`: its first DETECT_EXAMPLES examples)
+    the task is detected now (so `.name` is final); else at the first call.
     """
     kind = default if default in KINDS else "margin"
     hook = module is not None and callable(getattr(module, HOOK_NAME, None))
     if output is None or (isinstance(output, str) and output in KINDS):
-        out: OutputFunction = TaskOutput(output or kind, None, hook)
-        if module is None and output in BUILTIN_OUTPUTS and sample is None:
-            out = TaskOutput(output, None, False)  # legacy callers: detected at the first batch
+        out: OutputFunction = TaskOutput(output or kind, None, hook)  # task detected below, or at the first call
     elif isinstance(output, str):
         name, _, k = output.partition(":")
         if name not in TASKS or (k and k not in KINDS):
@@ -582,8 +585,10 @@ def resolve_output(output: str | Task | OutputFunction | Callable | None = None,
             "`CustomOutput(fn, loss_weight=q_fn)` (q_fn(module, batch) -> (B,)) or `CustomOutput(fn, "
             "loss_weight='ones')`, or pass method_kwargs={'use_q': False}; or drop output_fn and define "
             f"`{HOOK_NAME}(self, batch) -> (prediction, target)` on your module to get a built-in task with its Q")
-    if isinstance(out, TaskOutput) and out.task is None and module is not None and (sample is not None or dataset is not None):
-        batch = sample if sample is not None else sample_batch(dataset, collate_fn, module_device(module))
+    detectable = module is not None and (sample is not None or dataset is not None)
+    if isinstance(out, TaskOutput) and out.task is None and detectable:
+        batch = sample if sample is not None else sample_batch(dataset, collate_fn, module_device(module),
+                                                               DETECT_EXAMPLES)
         if batch is not None:
             was_training = module.training
             module.eval()

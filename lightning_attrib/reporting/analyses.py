@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 
-from .images import example_image
+import numpy as np
+
+from .images import example_display
 
 
 def _img(wandb, dataset, index, to_image=None):
+    """The example as a W&B image when it is image-shaped, else as text; "" without a dataset."""
     if dataset is None:
-        return None
-    img = example_image(dataset, int(index), to_image)
-    return wandb.Image(img) if img is not None else None
+        return ""
+    cell = example_display(dataset, int(index), to_image)
+    return wandb.Image(cell) if isinstance(cell, np.ndarray) else str(cell)
 
 
 def leakage_table(report, train_ds, query_ds, k: int = 50, to_image=None):
