@@ -1,7 +1,9 @@
 """`lightning-attrib [APP] [hydra overrides]`: Hydra apps `train` (default), `attribute`, `subset`, `lds`, `modeldiff`, `leakage`.
 
 Configs ship inside the package (`lightning_attrib/conf`, also reachable as `configs/` in the repository);
-add your own with Hydra's `--config-dir DIR`.
+add your own with Hydra's `--config-dir DIR`; `_target_`s resolve from the working directory too.
+The `attribution` config group reaches the API through one mapping, `attribution_kwargs` (an unknown key is an
+error before training); runs log their resolved config as hyperparameters; each log line is printed once.
 """
 from __future__ import annotations
 
