@@ -219,7 +219,11 @@ def lds(cfg: DictConfig) -> dict:
     print(f"lightning-attrib lds: {report.get('method')} LDS = {report.get('lds', float('nan')):.4f} "
           f"(95% CI [{lo:.4f}, {hi:.4f}]) over {report['num_subsets']} subsets; {dm}. "
           f"Written to {Path(cfg.lds.dir) / 'lds.json'}", flush=True)
-    _log_lds(cfg, report, result_dir, group)
+    try:
+        _log_lds(cfg, report, result_dir, group)
+    except Exception as err:  # the LDS is computed and written: a logger failure must not turn it into an error
+        print(f"lightning-attrib lds: warning: logging the LDS failed ({type(err).__name__}: {err}); the report is "
+              f"in {Path(cfg.lds.dir) / 'lds.json'}", flush=True)
     return report
 
 
