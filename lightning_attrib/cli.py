@@ -1,7 +1,9 @@
 """`lightning-attrib [APP] [hydra overrides]`: Hydra apps `train` (default), `attribute`, `subset`, `lds`, `modeldiff`, `leakage`.
 
 Configs ship inside the package (`lightning_attrib/conf`, also reachable as `configs/` in the repository);
-add your own with Hydra's `--config-dir DIR`.
+add your own with Hydra's `--config-dir DIR`; `_target_`s resolve from the working directory too.
+The `attribution` config group reaches the API through one mapping, `attribution_kwargs` (an unknown key is an
+error before training); runs log their resolved config as hyperparameters; each log line is printed once.
 """
 from __future__ import annotations
 
@@ -22,20 +24,46 @@ APP_ENV = "LIGHTNING_ATTRIB_APP"  # the app of this command, for the DDP ranks L
 CAPTURE_KEYS = ("snapshot_every_n_epochs", "keep_snapshots")
 
 
-def attribution_kwargs(attribution: DictConfig) -> dict:
-    """The `attribution` config group as keyword arguments of `lightning_attrib.attribute` / `AttributionCallback`:
-    every scoring key, resolved; a key neither takes (nor a capture key) is an error that names it."""
+def attribution_kwargs(attribution: DictConfig, api: str = "callback") -> dict:
+    """The `attribution` config group as keyword arguments of the API an app calls (`api="callback"`:
+    `AttributionCallback`, the train app; `"attribute"`: `lightning_attrib.attribute`, the attribute app): every key
+    but the capture keys, by name, resolved. A key that API does not take is an error that names it."""
     from .callbacks import AttributionCallback
     from .core.pipeline import Attributor
+    from .standalone import attribute
 
+    targets = {"callback": [AttributionCallback], "attribute": [attribute, Attributor]}[api]
+    known = set().union(*(inspect.signature(t).parameters for t in targets))
     kwargs = {k: v for k, v in OmegaConf.to_container(attribution, resolve=True).items() if k not in CAPTURE_KEYS}
-    known = set(inspect.signature(Attributor).parameters) | set(inspect.signature(AttributionCallback).parameters)
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"attribution.{unknown[0]} is not a setting of lightning_attrib.attribute / AttributionCallback "
-                         f"(scoring keys: {sorted(known & set(kwargs))}; capture keys: {list(CAPTURE_KEYS)}): "
-                         "remove it or fix its spelling")
+        name = "AttributionCallback" if api == "callback" else "lightning_attrib.attribute"
+        raise ValueError(f"attribution.{unknown[0]} is not a setting of {name} (its settings here: "
+                         f"{sorted(known & set(kwargs))}; capture settings: {list(CAPTURE_KEYS)}): remove it or fix "
+                         "its spelling")
     return kwargs
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list:
+    """The configured callbacks; an `AttributionCallback` among them gets every `attribution.*` setting
+    (`attribution_kwargs`), so no key of the group can be left out. A callback config that sets one of them to
+    another value itself is an error (which one would win is not obvious)."""
+    from hydra.utils import get_class, instantiate
+
+    from .callbacks import AttributionCallback
+
+    callbacks = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        settings = {}
+        if cfg.get("attribution") and "_target_" in c and issubclass(get_class(c._target_), AttributionCallback):
+            settings = attribution_kwargs(cfg.attribution)
+            own = OmegaConf.to_container(c, resolve=True)
+            for key, value in settings.items():
+                if key in own and own[key] != value:
+                    raise ValueError(f"callbacks.{name}.{key}={own[key]!r} contradicts attribution.{key}={value!r}: "
+                                     f"set attribution.{key} only")
+        callbacks.append(instantiate(c, **settings))
+    return callbacks
 
 
 def _quiet_logs() -> None:
@@ -75,12 +103,10 @@ def train(cfg: DictConfig) -> dict:
 
     from .callbacks import AttributionCallback
 
-    if cfg.get("attribution"):
-        attribution_kwargs(cfg.attribution)  # an unknown attribution.* key fails here, before training
+    callbacks = instantiate_callbacks(cfg)  # a wrong attribution.* key fails here, before training
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     _log_config(trainer, cfg, datamodule)
@@ -144,7 +170,7 @@ def attribute(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    kwargs = attribution_kwargs(cfg.attribution)
+    kwargs = attribution_kwargs(cfg.attribution, api="attribute")
     model = instantiate(cfg.model)
     res = run_attribute(model, datamodule.train_dataloader().dataset, datamodule.val_dataloader().dataset,
                         cfg.attrib_dir, snapshots=cfg.snapshots, accelerator=cfg.accelerator, devices=cfg.devices,
@@ -193,7 +219,11 @@ def lds(cfg: DictConfig) -> dict:
     print(f"lightning-attrib lds: {report.get('method')} LDS = {report.get('lds', float('nan')):.4f} "
           f"(95% CI [{lo:.4f}, {hi:.4f}]) over {report['num_subsets']} subsets; {dm}. "
           f"Written to {Path(cfg.lds.dir) / 'lds.json'}", flush=True)
-    _log_lds(cfg, report, result_dir, group)
+    try:
+        _log_lds(cfg, report, result_dir, group)
+    except Exception as err:  # the LDS is computed and written: a logger failure must not turn it into an error
+        print(f"lightning-attrib lds: warning: logging the LDS failed ({type(err).__name__}: {err}); the report is "
+              f"in {Path(cfg.lds.dir) / 'lds.json'}", flush=True)
     return report
 
 

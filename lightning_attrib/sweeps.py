@@ -45,6 +45,21 @@ def query_outputs(module: torch.nn.Module, dataset, collate_fn=None, output="mar
     return torch.cat(outs).numpy()
 
 
+def retraining_fingerprint(cfg) -> str:
+    """SHA-1 of what a subset retraining's outputs depend on (data, model, trainer, seed, lds alpha/seed/output),
+    so a sweep never mixes subsets trained under other settings. Output paths are left out."""
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    trainer = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k != "default_root_dir"}
+    what = {"data": OmegaConf.to_container(cfg.data, resolve=True), "model": OmegaConf.to_container(cfg.model,
+            resolve=True), "trainer": trainer, "seed": int(cfg.seed),
+            "lds": {k: OmegaConf.to_container(cfg.lds, resolve=True)[k] for k in ("alpha", "seed", "output")}}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def train_subset(cfg) -> dict:
     """Train on subset `cfg.lds.index` and store its mask and query outputs (skips a finished subset)."""
     import lightning as L
@@ -52,7 +67,13 @@ def train_subset(cfg) -> dict:
 
     index, lds = int(cfg.lds.index), cfg.lds
     out = truth_path(lds.dir, index)
+    fingerprint = retraining_fingerprint(cfg)
     if out.exists():
+        with np.load(out) as z:
+            stored = str(z["fingerprint"]) if "fingerprint" in z.files else ""
+        if stored != fingerprint:
+            raise ValueError(f"{out} was trained with other data/model/trainer/subset settings than this sweep's: "
+                             f"use another lds.dir, or delete {Path(lds.dir) / 'truth'} to retrain")
         return {"skipped": str(out)}
     L.seed_everything(derive_seed(cfg.seed, "lds-subset-training", index) % 2**32, workers=True)
     datamodule = instantiate(cfg.data)
@@ -75,7 +96,8 @@ def train_subset(cfg) -> dict:
     outputs = query_outputs(model, val.dataset, val.collate_fn, lds.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, mask=mask, outputs=outputs, index=index, seed=int(lds.seed), alpha=float(lds.alpha))
+    np.savez(buf, mask=mask, outputs=outputs, index=index, seed=int(lds.seed), alpha=float(lds.alpha),
+             fingerprint=fingerprint)
     atomic_write_bytes(out, buf.getvalue())
     return {"written": str(out)}
 
@@ -112,12 +134,16 @@ def load_truth(lds_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.n
     files = sorted((Path(lds_dir) / "truth").glob("subset-*.npz"))
     if not files:
         raise FileNotFoundError(f"no finished subsets in {Path(lds_dir) / 'truth'}: run the subset sweep first")
-    idx, masks, outs = [], [], []
+    idx, masks, outs, prints = [], [], [], set()
     for f in files:
         with np.load(f) as z:
             idx.append(int(z["index"]))
             masks.append(z["mask"])
             outs.append(z["outputs"])
+            prints.add(str(z["fingerprint"]) if "fingerprint" in z.files else "")
+    if len(prints) > 1 or len({m.shape for m in masks}) > 1 or len({o.shape for o in outs}) > 1:
+        raise ValueError(f"the subsets in {Path(lds_dir) / 'truth'} were trained under different settings (data, "
+                         "model, trainer or subset draws): an LDS needs one setting; use one lds.dir per experiment")
     return np.array(idx), np.stack(masks), np.stack(outs)
 
 

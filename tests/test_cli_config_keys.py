@@ -1,10 +1,11 @@
 """Every `attribution.*` key of the shipped Hydra configs reaches the API: the train app's callbacks and the
 `attribute` app's call of `lightning_attrib.attribute` (a key the code ignores fails here); an unknown key is an
 error before training."""
+import functools
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_attrib import cli
@@ -37,8 +38,7 @@ def _override(key: str, value) -> str:
 
 
 def _callback_state(cfg) -> dict:
-    return {(type(cb).__name__, name): val for cb in (instantiate(c) for c in cfg.callbacks.values())
-            for name, val in vars(cb).items()}
+    return {(type(cb).__name__, name): val for cb in cli.instantiate_callbacks(cfg) for name, val in vars(cb).items()}
 
 
 def _same(a, b) -> bool:
@@ -72,7 +72,12 @@ def test_attribute_app_passes_every_scoring_key(key, tmp_path, monkeypatch):
     class Result:
         manifest, top_k, n_query, scores = {"method": "x", "world_size": 1}, None, 1, np.zeros((1, 1))
 
-    monkeypatch.setattr(standalone, "attribute", lambda *a, **kw: calls.append(kw) or Result())
+    @functools.wraps(standalone.attribute)  # same signature: the app checks keys against it
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        return Result()
+
+    monkeypatch.setattr(standalone, "attribute", record)
     value = _sentinel(key, _keys(tmp_path, "attribute")[key])
     for overrides in ([], [_override(key, value)]):
         cli.attribute(_compose("attribute", tmp_path, "snapshots=none", "data.n_train=20", "data.n_val=5",
@@ -97,3 +102,20 @@ def test_an_unknown_attribution_key_fails_before_training(tmp_path):
         cli.train(cfg)
     assert not (tmp_path / "attrib").exists() and not (tmp_path / "snapshots").exists()
     assert cli.attribution_kwargs(_compose("train", tmp_path).attribution)["proj_dim"] == 2048
+
+
+def test_each_app_checks_keys_against_the_api_it_calls(tmp_path):
+    # num_suspects is a reporting setting of the callback: it reaches the train app's callback, and is no
+    # scoring setting of lightning_attrib.attribute
+    cfg = _compose("train", tmp_path, "+attribution.num_suspects=3")
+    assert _callback_state(cfg)[("AttributionCallback", "num_suspects")] == 3
+    with pytest.raises(ValueError, match=r"attribution\.num_suspects is not a setting of lightning_attrib\.attribute"):
+        cli.attribution_kwargs(cfg.attribution, api="attribute")
+
+
+def test_a_callback_config_contradicting_the_attribution_group_is_an_error(tmp_path):
+    cfg = _compose("train", tmp_path, "+callbacks.attribution.proj_dim=64")
+    with pytest.raises(ValueError, match=r"callbacks\.attribution\.proj_dim=64 contradicts attribution\.proj_dim=2048"):
+        cli.instantiate_callbacks(cfg)
+    same = _compose("train", tmp_path, "+callbacks.attribution.proj_dim=2048")
+    assert _callback_state(same)[("AttributionCallback", "proj_dim")] == 2048

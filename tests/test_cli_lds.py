@@ -95,3 +95,24 @@ def test_a_failed_sweep_names_its_log(tmp_path):
     cmd = [sys.executable, "-c", "import sys; print('subset 3 diverged'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match=r"(?s)exit code 3.*sweep\.log.*subset 3 diverged"):
         run_subset_sweep(cmd, tmp_path / "lds", 5, poll_s=0.05)
+
+
+def _subset_cfg(tmp_path, *overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="lightning_attrib.conf"):
+        return compose("subset", overrides=[f"out_dir={tmp_path / 'job'}", f"lds.dir={tmp_path / 'lds'}", "lds.index=0",
+                                            "data.n_train=30", "data.n_val=4", "trainer.max_epochs=1", *overrides])
+
+
+def test_a_sweep_never_mixes_subsets_trained_under_other_settings(tmp_path):
+    from lightning_attrib.sweeps import load_truth, train_subset
+
+    assert "written" in train_subset(_subset_cfg(tmp_path))
+    assert "skipped" in train_subset(_subset_cfg(tmp_path, "hydra.job.name=other"))  # same settings: resumed
+    with pytest.raises(ValueError, match="trained with other data/model/trainer/subset settings"):
+        train_subset(_subset_cfg(tmp_path, "trainer.max_epochs=2"))
+    # a file from other settings next to this sweep's: evaluation refuses the mix
+    assert "written" in train_subset(_subset_cfg(tmp_path, "lds.index=1", "model.hidden=8"))
+    with pytest.raises(ValueError, match="trained under different settings"):
+        load_truth(tmp_path / "lds")
