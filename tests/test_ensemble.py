@@ -1,5 +1,4 @@
 """lightning_attrib.ensemble: merged scores/self-influence are the members' means; mismatched members refused."""
-import json
 
 import numpy as np
 import pytest

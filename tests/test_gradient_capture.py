@@ -421,3 +421,24 @@ def test_ddp_in_run_queries_with_recorded_ids(tmp_path):
     got = load_results(tmp_path / "inrun")
     np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-5, atol=1e-6 * np.abs(ref.scores).max())
     np.testing.assert_allclose(got.self_influence, ref.self_influence, rtol=1e-5)
+
+
+def test_in_run_scores_survive_a_resumed_fit(tmp_path):
+    """Checkpoint after epoch 1 of 3, resume from it: the in-run result equals the uninterrupted run's."""
+    x, y = _digits(48)
+    xq, yq = _digits(5, start=1500)
+    data, queries = TensorDataset(x, y, torch.arange(48)), TensorDataset(xq, yq)
+
+    def fit(name, ckpt_path=None, epochs=3):
+        torch.manual_seed(0)
+        cap = GradientCapture(proj_dim=24, chunk_size=1000, query_dataset=queries, result_dir=tmp_path / name)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpt-{name}", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        _trainer(tmp_path, [cap, ckpt], max_epochs=epochs, enable_checkpointing=True).fit(
+            _LitMLP(), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
+        return cap.result
+
+    full = fit("full")
+    resumed = fit("resumed", ckpt_path=tmp_path / "ckpt-full" / "epoch=0.ckpt")
+    assert resumed.manifest["captured_steps"] == full.manifest["captured_steps"] == 9
+    np.testing.assert_allclose(resumed.scores, full.scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(resumed.self_influence, full.self_influence, rtol=1e-5)

@@ -229,6 +229,7 @@ class GradientCapture(Callback):
         self._inrun: InRunScores | None = None
         self._recorder: BatchIndexRecorder | None = None
         self._n_train: int | None = None
+        self._resume_inrun: dict | None = None
         self.query_source: Dataset | None = None   # the query dataset the in-run scores are against
         self.projector: FactorizedProjector | None = None
         self.param_names: list[str] = []
@@ -374,6 +375,16 @@ class GradientCapture(Callback):
         self._queries = _QueryPass(self.projector, pl_module, queries, collate, self.query_batch_size, device)
         self._inrun = InRunScores(self._n_train, len(queries), device)
         self.query_source = queries
+        saved, self._resume_inrun = self._resume_inrun, None
+        if saved is not None:
+            if tuple(saved["scores"].shape) != tuple(self._inrun.scores.shape):
+                raise ValueError(f"GradientCapture: the checkpoint's in-run scores are {tuple(saved['scores'].shape)}"
+                                 f" (train x query), this fit's {tuple(self._inrun.scores.shape)}: resume with the "
+                                 "same training and query sets")
+            if trainer.is_global_zero:   # the totals were summed over ranks: one rank carries them on
+                for name in ("scores", "self_influence", "counts", "seen"):
+                    getattr(self._inrun, name).copy_(saved[name])
+                self._inrun.steps = list(saved["steps"])
 
     def _prepare_rank_dir(self) -> None:
         """Number new chunks after the existing ones; on resume, drop chunks written after the checkpoint."""
@@ -532,13 +543,25 @@ class GradientCapture(Callback):
 
     # -- resumption ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The global step; with queries also the in-run totals so far, summed over ranks (every captured row up
+        to the checkpoint is scored first), so a resumed fit continues them instead of starting from zero."""
         step = int(self._trainer.global_step) if self._trainer is not None else None
-        return {"out_dir": str(self.out_dir) if self.out_dir else None, "global_step": step}
+        state = {"out_dir": str(self.out_dir) if self.out_dir else None, "global_step": step}
+        if self._inrun is not None and self._trainer is not None:
+            self._emit()
+            self._wait()
+            inrun, strategy = self._inrun, self._trainer.strategy
+            state["inrun"] = {name: strategy.reduce(getattr(inrun, name).clone(), reduce_op="sum").cpu()
+                              for name in ("scores", "self_influence", "counts", "seen")}
+            state["inrun"]["steps"] = list(inrun.steps)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed fit drops the chunks its ranks wrote after the checkpoint (steps >= its global step)."""
+        """A resumed fit drops the chunks its ranks wrote after the checkpoint (steps >= its global step) and
+        continues the in-run totals of the checkpoint."""
         step = state_dict.get("global_step")
         self._resume_step = int(step) if step is not None else None
+        self._resume_inrun = state_dict.get("inrun")
 
     # -- the hot path -------------------------------------------------------------------------------------
     def _add_hooks(self) -> None:

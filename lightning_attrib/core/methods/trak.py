@@ -1,8 +1,6 @@
 """TRAK (Park et al. 2023): score = Qbar_i * mean_c phi_c(z_i)^T (Phi_c^T Phi_c + lambda_c I)^-1 phi_c(z_q)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from ..linalg import (ILL_CONDITIONED, DampedInverse, DualDampedInverse, IllConditionedKernelWarning,
