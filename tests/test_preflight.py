@@ -177,6 +177,13 @@ def test_mislabeled_mask_of_the_wrong_length(tmp_path):
                           r"mislabeled mask has shape \(39,\), expected \(40,\): one flag per training example")
 
 
+def test_table_display_hook_that_fails(tmp_path):
+    train, val = digits()
+    cb = AttributionCallback(proj_dim=8, out_dir=tmp_path / "attrib", to_display=lambda x: x["text"])
+    fails_before_training(tmp_path, LitClassifier(arch="logreg"), cb, train, val, IndexError,
+                          "to_image/to_display failed on train example 0.*fix or drop them")
+
+
 def test_params_selecting_nothing(tmp_path):
     train, val = digits()
     cb = AttributionCallback(proj_dim=8, params=["decoder."], out_dir=tmp_path / "attrib")

@@ -143,6 +143,7 @@ class AttributionCallback(Callback):
                 warn_if_augmented(ds, what)
             if train_ds is not None and hasattr(train_ds, "__len__"):
                 self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
+                self._check_display(train_ds)
             self.preflight_report = preflight(
                 pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
                 device=pl_module.device, **self._attributor_kwargs())
@@ -249,6 +250,19 @@ class AttributionCallback(Callback):
         if loader is None or not hasattr(loader, "dataset"):
             raise ValueError("AttributionCallback found no validation set to use as queries: pass query_dataset=")
         return loader.dataset, self.collate_fn or collate
+
+    def _check_display(self, dataset: Dataset) -> None:
+        """`to_image` / `to_display` run on the first example now (the report tables use them after training)."""
+        if len(dataset) == 0 or (self.to_image is None and self.to_display is None):
+            return
+        from ..reporting.images import example_display
+
+        try:
+            example_display(dataset, 0, self.to_image, self.to_display)
+        except Exception as err:
+            raise type(err)(f"[lightning-attrib] checked before training: AttributionCallback's to_image/to_display "
+                            f"failed on train example 0: {err}. They receive the example's input (x of (x, y), the "
+                            "inputs tuple of (x1, ..., xn, y), or a dict batch's input); fix or drop them") from err
 
     def _truth_mask(self, trainer: L.Trainer, train_ds: Dataset) -> np.ndarray | None:
         for mask in (self.mislabeled, getattr(trainer.datamodule, "train_flipped", None), getattr(train_ds, "flipped", None)):

@@ -6,7 +6,8 @@ Anchors: kronfluence's `Task`, dattri's `AttributionTask`. Three pieces, each on
 * a *reader* turns a batch into `(ModelInputs, targets)` (`read_batch`: tuples, multi-input tuples, dict batches,
   HuggingFace-style keyword batches) and `model_prediction` runs the module and takes the prediction out of a
   tensor, a dict with `logits` or an object with `.logits`. A LightningModule can take this over with ONE method,
-  `attribution_step(self, batch) -> (prediction, target)` (Lightning style, like `predict_step`).
+  `attribution_step(self, batch) -> (prediction, target)` (Lightning style, like `predict_step`); its prediction
+  and target are taken as aligned (for a causal LM return them shifted, or pass `output_fn="causal-lm"`).
 * a `Task` (the loss family) maps `(prediction, target)` to a "margin"-like output (TRAK), the per-example training
   loss (influence functions, TracIn, gradient similarity), Q, and what the report tables show. Built-ins:
   `MultiClass`, `Logistic` (binary and multi-label), `Regression`, `TokenSequence` (causal / masked LM and token
@@ -438,6 +439,11 @@ class OutputFunction:
         return {"output": self.name}
 
 
+def _model_inputs(module: nn.Module, batch: Any) -> ModelInputs | None:
+    """The reader's inputs (to tell causal from masked LM), or None when the module's hook reads the batches."""
+    return None if callable(getattr(module, HOOK_NAME, None)) else read_batch(module, batch)[0]
+
+
 class TaskOutput(OutputFunction):
     """A task's margin or loss as an output function. `task=None`: chosen by `detect_task` at the first batch."""
 
@@ -456,15 +462,13 @@ class TaskOutput(OutputFunction):
         if self.task is None:
             with torch.no_grad():
                 pred, target = model_prediction(module, batch)
-                inputs = None if self.hook else read_batch(module, batch)[0]
-            self.task = detect_task(pred, target, inputs)
+            self.task = detect_task(pred, target, _model_inputs(module, batch))
         return self.task
 
     def _prediction(self, module, batch):
         pred, target = model_prediction(module, batch)
         if self.task is None:  # lazily (callers without a sample batch): first call decides
-            inputs = None if self.hook else read_batch(module, batch)[0]
-            self.task = detect_task(pred.detach(), target, inputs)
+            self.task = detect_task(pred.detach(), target, _model_inputs(module, batch))
         return pred, target
 
     def __call__(self, module: nn.Module, batch: Any) -> torch.Tensor:
