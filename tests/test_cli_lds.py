@@ -74,7 +74,8 @@ def _lds_cfg(tmp_path, scores):
 
 def test_lds_app_refuses_mismatched_scores_before_retraining(tmp_path):
     write_result(tmp_path / "other", manifest={"method": "x"}, self_influence=np.zeros(N_TRAIN + 1),
-                 train_ids=np.arange(N_TRAIN + 1), query_ids=np.arange(N_QUERY), scores=np.zeros((N_TRAIN + 1, N_QUERY)))
+                 train_ids=np.arange(N_TRAIN + 1), query_ids=np.arange(N_QUERY),
+                 scores=np.zeros((N_TRAIN + 1, N_QUERY)))
     with pytest.raises(ValueError, match=r"\(41, 6\) but the configured data has \(n_train, n_query\) = \(40, 6\)"):
         cli.lds(_lds_cfg(tmp_path, tmp_path / "other"))
     assert not (tmp_path / "lds").exists()  # no sweep was started

@@ -128,8 +128,8 @@ def _command(fragment: str) -> str:
 
 def test_readme_block_is_what_this_test_runs():
     # every README command is run below (a new one must get a test here)
-    fragments = ["lightning-attrib experiment=demo", "model=cnn", "hparams_search=damping", "attribute snapshots=", "--config-dir",
-                 "lds experiment=demo", "modeldiff", "leakage"]
+    fragments = ["lightning-attrib experiment=demo", "model=cnn", "hparams_search=damping", "attribute snapshots=",
+                 "--config-dir", "lds experiment=demo", "modeldiff", "leakage"]
     assert len(COMMANDS) == len(fragments) == len({_command(f) for f in fragments})
 
 
