@@ -144,9 +144,12 @@ class AttributionCallback(Callback):
             if train_ds is not None and hasattr(train_ds, "__len__"):
                 self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
                 self._check_display(train_ds)
+            # snapshots from CheckpointCapture (or GradientCapture's steps) record the learning rate, which TracIn needs
+            records_lr = any(type(c).__name__ in ("CheckpointCapture", "GradientCapture") for c in trainer.callbacks)
             self.preflight_report = preflight(
                 pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
-                device=pl_module.device, **self._attributor_kwargs())
+                device=pl_module.device, snapshot_lr=1.0 if records_lr else None,
+                check_lock=trainer.is_global_zero, **self._attributor_kwargs())
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_hyperparams({"attribution": self.settings()})
@@ -186,6 +189,7 @@ class AttributionCallback(Callback):
         dist = LightningDist(trainer.strategy)
         pl_module.to(dist.device)  # the strategy's teardown moved it to the CPU
         progress = _ProgressBars(enabled=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        attributor = None
         try:
             # with GradientCapture on the Trainer: in-run scores from the capture (None when it does not apply)
             self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
@@ -204,8 +208,15 @@ class AttributionCallback(Callback):
         finally:
             progress.close()
         if trainer.is_global_zero:
+            if attributor is not None:
+                output = attributor.output
+            else:  # in-run scores from the capture: the same task the Attributor would have resolved
+                from ..core.tasks import resolve_output
+
+                output = resolve_output(self.output_fn, default=method.output, module=pl_module, method=method,
+                                        dataset=train_ds, collate_fn=collate)
             self._evaluate_and_report(trainer, pl_module, train_ds, query_ds, collate, query_collate, dist.device,
-                                      attributor.output)
+                                      output)
         trainer.strategy.barrier("AttributionCallback")
         if not self.keep_features and trainer.is_global_zero:
             import shutil

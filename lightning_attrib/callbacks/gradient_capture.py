@@ -511,6 +511,7 @@ class GradientCapture(Callback):
                 "n_query": inrun.n_query, "every_n_steps": self.every_n_steps, "captured_steps": len(inrun.steps),
                 "never_captured": int(never.sum()), "lr": "recorded at every captured step",
                 "world_size": trainer.world_size, "constant_self_influence": False, "self_influence_computed": True,
+                "excluded": {"train": never.nonzero().flatten().tolist(), "query": []},  # no captured step: no score
                 "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
                 "sign": "positive = the training example helps the query (lowers its loss)",
             }

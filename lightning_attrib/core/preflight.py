@@ -5,8 +5,8 @@ any training, so that every configuration error surfaces in seconds instead of a
 the task (reader, output, Q; target dtypes and ranges), then runs a real `Attributor` (featurize with the configured
 projector and parameters, method fit/prepare: solver, projector and parameter-limit compatibility, layer support,
 damping; score; self-influence) on those examples into a temporary directory that is deleted afterwards, and checks
-that an existing feature store in `out_dir` accepts this run's settings. Nothing is written to `out_dir`; the global
-random state is left as it was. Plain torch.
+that no other live run holds `out_dir` (a feature store of other settings is fine: the real run recomputes it).
+Nothing is left in `out_dir`; the global random state is left as it was. Plain torch.
 """
 from __future__ import annotations
 
@@ -150,15 +150,20 @@ def quick_copy(method: FeatureMethod, damped: bool = False) -> FeatureMethod:
 
 def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
               out_dir: str | os.PathLike, *, output_fn: Any = None, collate_fn: Callable | None = None,
-              device: torch.device | str | None = None, num_examples: int = 2, **attributor_kwargs) -> PreflightReport:
+              device: torch.device | str | None = None, num_examples: int = 2, snapshot_lr: float | None = None,
+              check_lock: bool = True, **attributor_kwargs) -> PreflightReport:
     """Run the attribution path on `num_examples` training and query examples; raise what would fail after training.
 
     `attributor_kwargs` are the `Attributor` settings of the real run (proj_dim, projector, seed, params, batch_size,
     shard_size, top_k, ...). The module keeps its weights and mode; `method` is not touched (a copy is fitted).
+    `snapshot_lr`: the learning rate the real run's snapshots will record (None when they record none, e.g. no
+    `CheckpointCapture`): methods that need it (TracIn) fail here exactly as they would after training.
+    `check_lock`: check that no other live run writes `out_dir` (one process per run does: DDP's global rank 0).
     """
     from .dist import LocalDist
-    from .pipeline import Attributor
-    from .store import FeatureStore, StoreMismatchError, ensure_writable_dir
+    from .lock import OutDirLock
+    from .pipeline import Attributor, Snapshot
+    from .store import ensure_writable_dir
 
     t0 = time.perf_counter()
     n_train = check_dataset(train_dataset, "train_dataset", "pass train_dataset= or fit with a training dataloader")
@@ -196,7 +201,10 @@ def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, 
                                   collate_fn=collate_fn, dist=LocalDist(device), **kwargs)
                 with warnings.catch_warnings():  # conditioning warnings on two examples say nothing about the run
                     warnings.simplefilter("ignore")
-                    return mini, mini.run(None)
+                    snaps = None if snapshot_lr is None else [
+                        Snapshot("preflight", state_dict={k: v.detach().clone() for k, v in module.state_dict().items()},
+                                 lr=float(snapshot_lr))]
+                    return mini, mini.run(snaps)
 
             try:
                 mini, result = mini_run(quick_copy(method), "run")
@@ -219,14 +227,10 @@ def preflight(module: nn.Module, method: FeatureMethod, train_dataset: Dataset, 
             if bad:
                 raise ConfigurationError(f"{PREFIX}: {' and '.join(bad)} are not finite at the initial weights: check "
                                          "the model's numerics (loss/output NaN or inf) and the method's damping")
-            settings, name, dim = mini._store_settings(), mini.output.name, int(result.manifest["proj_dim"])
-        # 3. an existing feature store in out_dir must accept these settings
-        root = Path(out_dir) / "features" / name
-        if (root / "settings.json").exists():
-            try:
-                FeatureStore(root, settings, kwargs.get("shard_size", 512), create=False)
-            except StoreMismatchError as err:
-                raise ConfigurationError(f"{PREFIX}: out_dir={str(out_dir)!r} holds features this run cannot reuse: "
-                                         f"{err}") from err
+            name, dim = mini.output.name, int(result.manifest["proj_dim"])
+        # 3. out_dir must not be in use by another live run (a store of other settings is fine: it is recomputed)
+        if check_lock:
+            with OutDirLock(out_dir, "AttributionCallback(out_dir)"):
+                pass
     details = output.describe() if hasattr(output, "describe") else {"output": name}
     return PreflightReport(name, details, dim, time.perf_counter() - t0)
