@@ -150,21 +150,21 @@ def test_no_argument_influence_on_a_small_transformer_finds_flipped_labels(tmp_p
 
 def test_auto_with_full_gradients_requested_takes_ekfac_not_a_p_by_p_kernel():
     from lightning_attrib.core.methods import InfluenceFunction
-    from lightning_attrib.core.outputs import resolve_output
+    from lightning_attrib.core.outputs import CrossEntropyLoss
 
     net = cnn()                                   # 5,114 parameters: above max_params
     names = [n for n, _ in net.named_parameters()]
     method = InfluenceFunction()
-    assert method.choose_projector(net, names, "tensorsketch", resolve_output("loss")) == "tensorsketch"
+    assert method.choose_projector(net, names, "tensorsketch", CrossEntropyLoss()) == "tensorsketch"
     assert method.solver == "projected" and method.needs_kernel
     method = InfluenceFunction()
-    assert method.choose_projector(net, names, "identity", resolve_output("loss")) == "identity"
+    assert method.choose_projector(net, names, "identity", CrossEntropyLoss()) == "identity"
     assert method.solver == "ekfac" and method.matrix == "ggn" and not method.needs_kernel
     with pytest.raises(ValueError, match="tensorsketch"):   # EK-FAC cannot cover a tied weight
         tied = nn.Sequential(nn.Linear(80, 80), nn.ReLU(), nn.Linear(80, 80))
         tied[2].weight = tied[0].weight
         InfluenceFunction().choose_projector(tied, [n for n, _ in tied.named_parameters()], "identity",
-                                             resolve_output("loss"))
+                                             CrossEntropyLoss())
 
 
 def test_solver_configuration_errors_come_before_featurization(tmp_path):
@@ -175,8 +175,16 @@ def test_solver_configuration_errors_come_before_featurization(tmp_path):
     data = TensorDataset(x, y)
     with pytest.raises(ValueError, match="max_params=5000"):
         Attributor(nn.Linear(80, 70), InfluenceFunction(solver="explicit"), data, data, tmp_path / "a")
-    tied = nn.Sequential(nn.Linear(80, 80), nn.ReLU(), nn.Linear(80, 70))
-    tied.add_module("extra", nn.Bilinear(2, 2, 2))     # a module EK-FAC does not cover
+    class WithBilinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(80, 80), nn.ReLU(), nn.Linear(80, 70))
+            self.extra = nn.Bilinear(2, 2, 1)              # a module EK-FAC does not cover
+
+        def forward(self, x):
+            return self.body(x) + self.extra(x[:, :2], x[:, 2:4])
+
+    tied = WithBilinear()
     with pytest.raises(ValueError, match="EK-FAC covers"):
         Attributor(tied, InfluenceFunction(solver="ekfac"), data, data, tmp_path / "b")
     assert not (tmp_path / "a" / "features").exists()

@@ -422,13 +422,13 @@ def test_dense_curvature_from_per_example_factors_equals_matrix_vector_products(
     """Curvature.dense builds the GGN / empirical Fisher from C (or 1) per-example gradient passes; it must equal the
     matrix the iterative solvers apply through Jacobian-vector products (checked column by column)."""
     from lightning_attrib.core.methods.curvature import Curvature, ModelFunction
-    from lightning_attrib.core.outputs import resolve_output
+    from lightning_attrib.core.outputs import CrossEntropyLoss
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     names = [n for n, _ in model.named_parameters()]
     batches = [(torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))) for _ in range(2)]
-    fn = ModelFunction(model, names, resolve_output("loss"), dtype=torch.float64)
+    fn = ModelFunction(model, names, CrossEntropyLoss(), dtype=torch.float64)
     curv = Curvature(fn, matrix, torch.full((fn.num_params,), 0.01, dtype=torch.float64), n_train=14)
     eye = torch.eye(fn.num_params, dtype=torch.float64)
     torch.testing.assert_close(curv.dense(batches), curv.matvec(eye, batches), rtol=1e-9, atol=1e-12)
