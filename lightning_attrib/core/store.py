@@ -52,7 +52,7 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "out_dir") -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
+        probe = path / f".write_probe{os.getpid()}"  # per process: DDP ranks may probe one directory at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
