@@ -26,6 +26,8 @@ SPEED = {  # app -> overrides appended to the README command (sizes and counts o
     "lds": ["trainer.max_epochs=5", *DATA, "lds.num_subsets=10"],  # 10: too few for datamodels (skipped, warned)
     "modeldiff": DATA,
     "leakage": DATA,
+    "callbacks=in_run": ["trainer.max_epochs=3", *DATA],
+    "ensemble": ["trainer.max_epochs=3", *DATA, "ensemble.seeds=2"],
 }
 USER_MODULE = '''
 from lightning_attrib.models import LitClassifier
@@ -129,7 +131,8 @@ def _command(fragment: str) -> str:
 def test_readme_block_is_what_this_test_runs():
     # every README command is run below (a new one must get a test here)
     fragments = ["lightning-attrib experiment=demo", "model=cnn", "hparams_search=damping", "attribute snapshots=",
-                 "--config-dir", "lds experiment=demo", "modeldiff", "leakage"]
+                 "--config-dir", "lds experiment=demo", "modeldiff", "leakage", "callbacks=in_run",
+                 "ensemble experiment=demo"]
     assert len(COMMANDS) == len(fragments) == len({_command(f) for f in fragments})
 
 
@@ -247,3 +250,27 @@ def test_leakage_of_a_saved_result(ws):
     _, runs = ws.run(_command("leakage"))
     report = json.loads((runs[0] / "leakage.json").read_text())
     assert report["flags"] <= 3 and len(report["pairs"]) == min(50, report["n_candidates"])
+
+
+def test_in_run_tracin_needs_no_second_pass(ws):
+    from lightning_attrib import load_results
+
+    _, runs = ws.run(_command("callbacks=in_run"))
+    res, inrun = load_results(runs[0] / "attrib"), load_results(runs[0] / "inrun_tracin")
+    assert res.manifest["method"] == "tracin" and res.manifest["post_hoc_examples"] == 0
+    assert not (runs[0] / "attrib" / "features").exists()       # the training set was never re-read
+    np.testing.assert_array_equal(np.asarray(res.scores), np.asarray(inrun.scores))  # the capture's own sums
+
+
+def test_ensemble_of_seeds_is_the_mean_of_its_members(ws):
+    from lightning_attrib import load_results
+
+    out, runs = ws.run(_command("ensemble experiment=demo"))
+    top = next(r for r in runs if (r / "ensemble").is_dir())
+    merged = load_results(top / "ensemble")
+    members = [load_results(top / "members" / f"seed{s}" / "attrib") for s in (0, 1)]
+    assert merged.manifest["ensemble"]["num_models"] == 2
+    assert not np.allclose(members[0].self_influence, members[1].self_influence)   # different models
+    np.testing.assert_allclose(merged.self_influence, np.mean([m.self_influence for m in members], axis=0),
+                               rtol=1e-5, atol=1e-7)
+    assert "attrib/mislabel/self_influence/auroc" in out.stdout
