@@ -68,7 +68,7 @@ class TinyGPT(L.LightningModule):
         self.embed = nn.Embedding(VOCAB, d_model)
         self.pos = nn.Parameter(0.02 * torch.randn(LENGTH, d_model))
         layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=96, dropout=0.0, batch_first=True)
-        self.blocks = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.blocks = nn.TransformerEncoder(layer, num_layers=1)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, VOCAB)
 

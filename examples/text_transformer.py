@@ -57,9 +57,7 @@ class TextClassifier(L.LightningModule):
         self.embed = nn.Embedding(VOCAB, d_model, padding_idx=PAD)
         self.pos = nn.Parameter(0.02 * torch.randn(20, d_model))
         layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
-        # enable_nested_tensor=False: the nested-tensor fast path has no per-example (vmap) rule for the layers that
-        # go through the per-example fallback (Embedding, LayerNorm, attention); see the README.
-        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1)   # stock: nested tensors / fast path left on
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 2)
 
