@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .io import derive_seed
+
 BLOCK_ROWS = 1024
 DENSE_KINDS = ("rademacher", "gaussian", "identity")
 # From one batched backward with layer hooks (core/factorized.py), no per-example gradient and no p x k matrix:
@@ -56,7 +58,7 @@ class RandomProjector:
     def block(self, index: int) -> torch.Tensor:
         """Rows [index*BLOCK_ROWS, ...) of P, generated on the CPU from (seed, index) and moved to the device."""
         rows = min(BLOCK_ROWS, self.num_params - index * BLOCK_ROWS)
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % (2**63 - 1))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "dense-block", index))
         if self.kind == "rademacher":
             mat = torch.randint(0, 2, (rows, self.proj_dim), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
         else:
