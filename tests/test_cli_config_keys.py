@@ -12,7 +12,7 @@ from lightning_attrib import cli
 
 # Values other than the defaults, for keys whose default gives no obvious other value (None, strings, dicts).
 SENTINELS = {"method": "grad-dot", "projector": "rademacher", "method_kwargs": {"damping_ratio": 0.5}, "top_k": 5,
-             "keep_snapshots": 2, "snapshot_every_n_epochs": 2}
+             "keep_snapshots": 2, "snapshot_every_n_epochs": 2, "non_finite": "exclude"}
 
 
 def _compose(config: str, tmp_path, *overrides: str):

@@ -59,6 +59,8 @@ class AttributionCallback(Callback):
         check_before_fit: run the whole attribution path on two training and two query examples at the initial
             weights before the first training step (`core/preflight.py`), so that configuration errors surface
             before training; writes nothing to `out_dir`.
+        non_finite: "raise" (default): a NaN/inf output, gradient, kernel or score stops attribution naming the
+            example and snapshot; "exclude": such examples get NaN scores and are listed in `manifest["excluded"]`.
         log_images: build W&B tables with images.
         leakage: also rank suspected train-test duplicate pairs (`analysis.detect_leakage`): `leakage.json` in
             `out_dir`, the flag count as a scalar and, on W&B, a table with both images side by side.
@@ -78,7 +80,7 @@ class AttributionCallback(Callback):
                  to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False,
                  top_k: int | None = None, collate_fn: Callable | None = None,
                  to_display: Callable[[Any], Any] | None = None, keep_features: bool = True,
-                 check_before_fit: bool = True):
+                 check_before_fit: bool = True, non_finite: str = "raise"):
         super().__init__()
         if isinstance(method, str):
             make_method(method, **(method_kwargs or {}))  # validates name and arguments now, not after training
@@ -109,7 +111,11 @@ class AttributionCallback(Callback):
         if top_k is not None and leakage:
             raise ValueError("leakage=True needs the full score matrix: pass top_k=None, or run "
                              "`lightning-attrib leakage` on a full result later")
-        self.top_k = top_k
+        from ..core.settings import NON_FINITE_POLICIES as NON_FINITE
+
+        if non_finite not in NON_FINITE:
+            raise ValueError(f"non_finite must be one of {NON_FINITE}, got {non_finite!r}")
+        self.top_k, self.non_finite = top_k, non_finite
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
         self.proj_dim, self.out_dir = proj_dim, Path(out_dir)
         self.train_dataset, self.query_dataset = train_dataset, query_dataset
@@ -167,7 +173,7 @@ class AttributionCallback(Callback):
              "projector": self.projector, "seed": self.seed, "out_dir": str(self.out_dir), "output_fn": out or "auto",
              "params": self.params if isinstance(self.params, (list, tuple, str, type(None))) else "callable",
              "batch_size": self.batch_size, "shard_size": self.shard_size, "top_k": self.top_k,
-             "keep_features": self.keep_features}
+             "keep_features": self.keep_features, "non_finite": self.non_finite}
         if self.preflight_report is not None:
             s["output"] = self.preflight_report.output
             s["task"] = {k: v for k, v in self.preflight_report.output_details.items() if v is not None}
@@ -176,7 +182,7 @@ class AttributionCallback(Callback):
 
     def _attributor_kwargs(self) -> dict[str, Any]:
         return dict(proj_dim=self.proj_dim, projector=self.projector, seed=self.seed, params=self.params,
-                    batch_size=self.batch_size, shard_size=self.shard_size, top_k=self.top_k)
+                    batch_size=self.batch_size, shard_size=self.shard_size, top_k=self.top_k, non_finite=self.non_finite)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.status == "interrupted" or getattr(trainer, "interrupted", False):
