@@ -113,12 +113,16 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(model, datamodule=datamodule)
     attribution = next((c for c in callbacks if isinstance(c, AttributionCallback)), None)
     summary = {"out_dir": str(cfg.out_dir)}
-    if trainer.is_global_zero and attribution is not None and attribution.result is not None:
-        summary.update(_print_summary(cfg, trainer, datamodule, attribution))
+    wandb_dirs = []
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
-            summary.setdefault("wandb_dir", str(Path(lg.experiment.dir).parent))
-            lg.experiment.finish()  # flushed now; a later run of this process (the lds app's) is a run of its own
+            wandb_dirs.append(str(Path(lg.experiment.dir).parent))
+            summary.setdefault("wandb_dir", wandb_dirs[-1])
+            # flushed now (its own summary printed before ours, so ours ends the output); a later run of this
+            # process (the lds app's) is a run of its own
+            lg.experiment.finish()
+    if trainer.is_global_zero and attribution is not None and attribution.result is not None:
+        summary.update(_print_summary(cfg, datamodule, attribution, wandb_dirs))
     return summary
 
 
@@ -135,7 +139,8 @@ def _log_config(trainer, cfg: DictConfig, datamodule) -> None:
         datamodule._log_hyperparams = False
 
 
-def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
+def _print_summary(cfg, datamodule, attribution, wandb_dirs: list[str]) -> dict:
+    """The run's closing lines: method, damping, metrics, top suspects, where the result and the W&B run are."""
 
     res = attribution.result
     damping = res.manifest.get("damping")
@@ -151,14 +156,12 @@ def _print_summary(cfg, trainer, datamodule, attribution) -> dict:
     for i, v in zip(ids, values):
         lines.append(f"  {int(i):6d}  {v:.4g}" + (f"  {'FLIPPED' if flipped[int(i)] else ''}" if flipped is not None else ""))
     lines.append(f"Results:  {Path(res.out_dir).resolve()}  (load with lightning_attrib.load_results)")
-    wandb_dir = None
-    for lg in trainer.loggers:
-        if type(lg).__name__ == "WandbLogger":
-            wandb_dir = str(Path(lg.experiment.dir).parent)
-            lines.append(f"W&B run:  {wandb_dir}  (offline: `wandb sync {wandb_dir}` to upload)")
+    for wandb_dir in wandb_dirs:
+        lines.append(f"W&B run:  {wandb_dir}  (offline: `wandb sync {wandb_dir}` to upload)")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
-    return {"metrics": attribution.metrics, "wandb_dir": wandb_dir, "result_dir": str(res.out_dir)}
+    return {"metrics": attribution.metrics, "wandb_dir": wandb_dirs[0] if wandb_dirs else None,
+            "result_dir": str(res.out_dir)}
 
 
 def attribute(cfg: DictConfig) -> dict:
