@@ -1,4 +1,5 @@
-"""GradientCapture: in-training features == post-hoc FactorizedProjector features; chunk files; in-run TracIn; DDP."""
+"""GradientCapture: in-training features == post-hoc projector features (tensor sketch and Kronecker, every engine layer
+kind); chunk files; in-run TracIn; DDP."""
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attrib.callbacks import CheckpointCapture
 from lightning_attrib.callbacks.gradient_capture import GradientCapture
 from lightning_attrib.core.capture import capture_projector, load_capture_settings, read_capture, tracin_from_capture
-from lightning_attrib.core.factorized import FactorizedProjector
+from lightning_attrib.core.sketch import make_projector
 from lightning_attrib.core.outputs import resolve_output
 from lightning_attrib.data import load_digits_tensors
 from tests.test_factorized import _explicit_features
@@ -30,7 +31,7 @@ def _trainer(tmp_path, callbacks, **kw):
 
 
 class _LitNet(L.LightningModule):
-    """Every capture path: a strided, padded Conv2d; LayerNorm (skipped); an in-place ReLU right on a hooked
+    """Every capture path: a strided, padded Conv2d; LayerNorm; an in-place ReLU right on a hooked
     Linear; a Linear over 3 positions without bias; a Linear called twice (summed); a Linear off the loss path."""
 
     def __init__(self):
@@ -74,10 +75,10 @@ def test_capture_equals_post_hoc_features_on_every_path(tmp_path, proj_dim, stor
     torch.manual_seed(0)
     model = _LitNet()
     cap = GradientCapture(proj_dim=proj_dim, seed=4, out_dir=tmp_path / "cap" if store == "disk" else None,
-                          chunk_size=40, ids_fn=lambda b: torch.arange(len(b[0])))
+                          chunk_size=40, ids_fn=lambda b: torch.arange(len(b[0])), projector="factorized")
     _trainer(tmp_path, [cap], accumulate_grad_batches=2).fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
-    assert cap.skipped_params == ["ln.weight", "ln.bias"]
-    assert [la.plan.name for la in cap._layers] == ["conv", "fc", "seq", "twice", "unused", "head"]
+    assert cap.skipped_params == []   # the layer engine hooks LayerNorm too
+    assert [la.plan.name for la in cap._layers] == ["conv", "ln", "fc", "seq", "twice", "unused", "head"]
     records = cap.records
     assert [(r["step"], r["batch_idx"]) for r in records] == [(0, 0), (0, 1), (1, 2)]
     assert all(r["lr"] == 0.5 for r in records)
@@ -86,7 +87,8 @@ def test_capture_equals_post_hoc_features_on_every_path(tmp_path, proj_dim, stor
     for rec in records:
         post.load_state_dict(model.before[rec["step"]])
         i = rec["batch_idx"] * 32
-        fp = FactorizedProjector(post, loss, cap.param_names, proj_dim=proj_dim, seed=4)
+        fp = make_projector("factorized", post, loss, cap.param_names, proj_dim, 4)
+        assert fp.layout_hash == cap.projector.layout_hash
         ref = fp.features((x[i:i + 32], y[i:i + 32]))
         assert rec["features"].shape == ref.shape == (len(ref), cap.projector.proj_dim)
         scale = ref.abs().max()
@@ -137,7 +139,8 @@ def test_in_run_tracin_from_chunk_files_equals_brute_force(tmp_path):
     out = tmp_path / "cap"
     # the documented recipe: snapshots every n steps next to a capture every n steps (the weights of step s are
     # saved as snapshot-step{s}; CheckpointCapture saves none for step 0)
-    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, ids_fn=lambda b: b[2], out_dir=out, chunk_size=40)
+    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, ids_fn=lambda b: b[2], out_dir=out, chunk_size=40,
+                          projector="factorized")
     snaps = CheckpointCapture(dirpath=tmp_path / "snaps", every_n_steps=2)
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
     _trainer(tmp_path, [cap, snaps], max_epochs=3).fit(model, loader)
@@ -164,7 +167,7 @@ def test_in_run_tracin_from_chunk_files_equals_brute_force(tmp_path):
     for step in range(0, 12, 2):
         log = model.log_steps[step]
         ref.load_state_dict(log["weights"])
-        fp = FactorizedProjector(ref, loss, None, proj_dim=40, seed=1)
+        fp = make_projector("factorized", ref, loss, None, 40, 1)
         ids = log["ids"].numpy()
         phi = _explicit_features(fp, ref, loss, (x[ids], y[ids])).numpy()
         np.add.at(ref_self, ids, log["lr"] * (phi ** 2).sum(1))
@@ -259,7 +262,7 @@ def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
     model = _LitMLP()
     cap = GradientCapture(proj_dim=40, seed=1, ids_fn=lambda b: b[2])
     _trainer(tmp_path, [cap], precision="bf16-mixed").fit(model, DataLoader(TensorDataset(x, y, torch.arange(64)), batch_size=32))
-    proj = FactorizedProjector(_LitMLP(), resolve_output("loss"), cap.param_names, proj_dim=40, seed=1)
+    proj = make_projector(cap.projector_kind, _LitMLP(), resolve_output("loss"), cap.param_names, 40, 1)
     for rec in cap.records:
         proj.module.load_state_dict(model.log_steps[rec["step"]]["weights"])
         ref = proj.features((x[rec["ids"]], y[rec["ids"]]))
@@ -364,7 +367,7 @@ def test_attribution_callback_tracin_takes_the_capture(tmp_path, every):
         return
     missing = ~captured
     assert missing.any() and res.manifest["post_hoc_examples"] == int(missing.sum())
-    fp = FactorizedProjector(model, resolve_output("loss"), cap.param_names, proj_dim=32, seed=0)
+    fp = make_projector(cap.projector_kind, model, resolve_output("loss"), cap.param_names, 32, 0)
     phi, psi = fp.features((x[missing], y[missing])).double(), fp.features((xv, yv)).double()
     weight = cap.seen.numpy()[missing] * cap.last_lr
     assert (cap.seen.numpy() == 2).all()                                      # 2 epochs: each example twice

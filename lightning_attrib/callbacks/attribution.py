@@ -16,13 +16,13 @@ from torch.utils.data import Dataset
 
 from ..core.methods import FeatureMethod, make_method
 from ..core.preflight import PreflightReport, preflight, warn_if_augmented
-from ..core.tasks import OutputFunction, Task, TaskOutput
+from ..core.tasks import OutputFunction, Task, TaskOutput, resolve_output
 from ..core.pipeline import Attributor
 from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
-from .gradient_capture import captured_tracin
+from .gradient_capture import captured_tracin, preflight_method
 
 
 class AttributionCallback(Callback):
@@ -144,7 +144,7 @@ class AttributionCallback(Callback):
             if train_ds is not None and hasattr(train_ds, "__len__"):
                 self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
             self.preflight_report = preflight(
-                pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
+                pl_module, preflight_method(trainer, method), train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
                 device=pl_module.device, **self._attributor_kwargs())
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -185,6 +185,7 @@ class AttributionCallback(Callback):
         dist = LightningDist(trainer.strategy)
         pl_module.to(dist.device)  # the strategy's teardown moved it to the CPU
         progress = _ProgressBars(enabled=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        attributor = None
         try:
             # with GradientCapture on the Trainer: in-run scores from the capture (None when it does not apply)
             self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
@@ -203,8 +204,11 @@ class AttributionCallback(Callback):
         finally:
             progress.close()
         if trainer.is_global_zero:
+            output = attributor.output if attributor is not None else resolve_output(
+                self.output_fn, default=method.output, module=pl_module, method=method, dataset=train_ds,
+                collate_fn=collate)   # in-run scores from a GradientCapture: no Attributor ran
             self._evaluate_and_report(trainer, pl_module, train_ds, query_ds, collate, query_collate, dist.device,
-                                      attributor.output)
+                                      output)
         trainer.strategy.barrier("AttributionCallback")
         if not self.keep_features and trainer.is_global_zero:
             import shutil
