@@ -445,3 +445,100 @@ def test_in_run_scores_survive_a_resumed_fit(tmp_path):
     assert resumed.manifest["captured_steps"] == full.manifest["captured_steps"] == 9
     np.testing.assert_allclose(resumed.scores, full.scores, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(resumed.self_influence, full.self_influence, rtol=1e-5)
+
+
+class _LitTokens(L.LightningModule):
+    """A small text transformer without dropout: Embedding (padding_idx 0) + a stock TransformerEncoder with a key
+    padding mask (MultiheadAttention, two LayerNorms, two Linears) + mean pool + Linear head."""
+
+    def __init__(self, vocab=20, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(width, 2, 24, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(width, 3)
+        self.before: dict[int, dict] = {}
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.enc(self.emb(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before.setdefault(self.trainer.global_step, {k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class _LitPlainMLP(_LitTokens):
+    def __init__(self):
+        L.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10))
+        self.before = {}
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _token_data(n=40, length=7):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 20, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0     # right padding
+    return tokens, tokens[:, 0] % 3
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "mlp"])
+@pytest.mark.parametrize("projector", ["tensorsketch", "factorized"])
+def test_capture_equals_make_projector_features(tmp_path, projector, model_name):
+    """Captured rows == make_projector(kind, ...) post-hoc features at the weights each step trained at, for a model
+    without dropout/BatchNorm: every engine kind of a text transformer (Embedding, LayerNorm, MHA, Linear) and an
+    MLP (rank-one sides formed at the chunk hand-off), tensor sketch and Kronecker."""
+    torch.manual_seed(0)
+    if model_name == "transformer":
+        (x, y), model, post = _token_data(), _LitTokens(), _LitTokens()
+    else:
+        (x, y), model, post = _digits(40), _LitPlainMLP(), _LitPlainMLP()
+    cap = GradientCapture(projector=projector, proj_dim=48, seed=3, chunk_size=30, query_dataset=None)
+    _trainer(tmp_path, [cap], max_epochs=2).fit(model, DataLoader(TensorDataset(x, y, torch.arange(len(x))),
+                                                                   batch_size=16))
+    assert cap.skipped_params == [] and cap.projector_kind == projector
+    kinds = {la.plan.kind for la in cap._layers}
+    assert kinds == ({"embedding", "mha", "linear", "norm"} if model_name == "transformer" else {"linear"})
+    if model_name == "mlp":
+        assert all(la.deferrable for la in cap._layers)
+    records = cap.records
+    assert [r["step"] for r in records] == list(range(6))
+    loss = resolve_output("loss")
+    for rec in records:
+        post.load_state_dict(model.before[rec["step"]])
+        ref_proj = make_projector(projector, post, loss, cap.param_names, 48, 3)
+        assert ref_proj.layout_hash == cap.projector.layout_hash and not ref_proj.fallback.param_names
+        i = rec["batch_idx"] * 16
+        ref = ref_proj.features((x[i:i + 16], y[i:i + 16]))
+        assert rec["features"].shape == ref.shape and ref.abs().max() > 0
+        torch.testing.assert_close(rec["features"], ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
+
+
+def test_batchnorm_is_skipped_and_an_explicit_selection_of_it_refused(tmp_path):
+    """BatchNorm normalizes with batch statistics in train mode: its parameters are listed as skipped; asking for them
+    explicitly is refused before the first step."""
+
+    class _BN(_LitPlainMLP):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 10))
+
+    x, y = _digits(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    cap = GradientCapture(proj_dim=32, query_dataset=None)
+    _trainer(tmp_path, [cap]).fit(_BN(), loader)
+    assert cap.skipped_params == ["net.1.weight", "net.1.bias"] and len(cap.records) == 2
+    with pytest.raises(ValueError, match="BatchNorm"):
+        _trainer(tmp_path, [GradientCapture(proj_dim=32, params=["net.0", "net.1"], query_dataset=None)]).fit(
+            _BN(), loader)
