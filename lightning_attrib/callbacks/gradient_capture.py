@@ -191,9 +191,11 @@ class GradientCapture(Callback):
     """Projected per-example loss gradients of training batches, (B, proj_dim) float32, captured in the steps.
 
     Args:
-        projector: "tensorsketch" (default: one count sketch of the whole gradient, `TensorSketchProjector`) or
-            "factorized" (Kronecker, `KroneckerProjector`): the same matrices as `Attributor(projector=...)` /
-            `make_projector` with the same parameter selection and seed (BatchNorm left out, see `skipped_params`).
+        projector: "factorized" (default: Kronecker, `KroneckerProjector`) or "tensorsketch" (one count sketch of the
+            whole gradient, `TensorSketchProjector`: 0.05-0.16 LDS better at equal k post hoc, but its per-position
+            FFTs cost +100-190% of a CNN / transformer step in the capture; see `benchmarks/RESULTS.md`): the same
+            matrices as `Attributor(projector=...)` / `make_projector` with the same parameter selection and seed
+            (BatchNorm left out, see `skipped_params`).
         proj_dim, seed: the projection's size and seed; allocation: how "factorized" splits proj_dim over layers.
         params: parameter names/prefixes/predicate to capture (default: every trainable parameter of a layer the
             engine hooks: Linear, Conv1d/2d, Embedding, LayerNorm/GroupNorm, MultiheadAttention, HF Conv1D).
@@ -220,7 +222,7 @@ class GradientCapture(Callback):
     yields (`core.capture.BatchIndexRecorder`), so rows carry ids without changing the dataset or `training_step`.
     """
 
-    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", projector: str = "tensorsketch",
+    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", projector: str = "factorized",
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
                  out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
