@@ -126,7 +126,8 @@ class _Chunk:
 
     def __init__(self, cap: int, proj_dim: int, layers: list[_Layer], dtype: torch.dtype, device: torch.device):
         self.cap, self.dtype, self.device, self.rows = cap, dtype, device, 0
-        self.features = torch.empty(cap, proj_dim, dtype=torch.float32, device=device)
+        # zero: rows are filled by adding (tensor sketch, in-step blocks); a reused buffer is zeroed after its hand-off
+        self.features = torch.zeros(cap, proj_dim, dtype=torch.float32, device=device)
         self.a: list[torch.Tensor | None] = []
         self.d: list[torch.Tensor | None] = []
         for lay in layers:
@@ -138,19 +139,21 @@ class _Chunk:
         self.ids = torch.full((cap,), -1, dtype=torch.int64, device=device)  # on the device: no per-step sync
         self.future: Future | None = None
 
-    def expand(self, sides: "_Sides", release: bool = False) -> torch.Tensor:
-        """Add the stored rank-one rows' features into `features`; return the filled rows."""
+    def expand(self, sides: "_Sides", release: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the stored rank-one rows' features into `features` (or into `out`, a copy of the filled rows, which
+        leaves this chunk as it is); return the filled rows."""
         rows = self.rows
+        feats = self.features[:rows] if out is None else out
         for lay in sides.layers:
             if self.a[lay.index] is None:
                 continue
             for lo, hi in runs(self.factored[lay.index, :rows]):
                 if self.factored[lay.index, lo]:
-                    sides.add(lay, self.features[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
+                    sides.add(lay, feats[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
         if release:  # kept in memory: the sides are not needed any more
             self.a = [None] * len(self.a)
             self.d = [None] * len(self.d)
-        return self.features[:rows]
+        return feats
 
     def reset(self) -> None:
         self.rows = 0
@@ -284,6 +287,9 @@ class GradientCapture(Callback):
         self._next_chunk = 0
         self._dtype = torch.float32
         self._scale = 1.0        # the loss-reduction scale of the batch being captured
+        self._factors: list[tuple] = []        # Kronecker rank-one path: per layer (P_out * scales, P_in)
+        self._factor_key: tuple | None = None
+        self._no_autocast: Any = _NULL
         self._base_scale = 1.0
         self._scaler = None
         self._group: dict | None = None
@@ -610,8 +616,9 @@ class GradientCapture(Callback):
             raise ValueError(f"GradientCapture: layer {layer.name!r} saw {n} examples in a batch of {self._n}: "
                              "its per-example gradient cannot be read; exclude it with params=")
         dtype, r0 = self._dtype, self._r0
-        terms = [t if t.a.dtype == dtype and (t.d is None or t.d.dtype == dtype) else t.to(dtype) for t in terms]
-        with _no_autocast(terms[0].a.device):
+        if any(t.a.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
+            terms = [t.to(dtype) for t in terms]
+        with self._no_autocast:
             t = terms[0]
             if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.a.shape[1] == 1:
                 self._store_sides(lay, t.d[:, 0], t.a[:, 0], r0, n)
@@ -632,17 +639,21 @@ class GradientCapture(Callback):
             torch.mul(d, self._scale, out=d_dst)
             a_dst.copy_(a)
         else:
-            p_out = self.projector.factor(plan, "out", a.dtype, a.device)
-            p_in = self.projector.factor(plan, "in", a.dtype, a.device)
+            p_out, p_in = self._factors[i]
             if p_out is None:
                 torch.mul(d, plan.scale * self._scale, out=d_dst)
-            else:
-                torch.mm(d, p_out, out=d_dst).mul_(plan.scale * self._scale)
+            else:   # P_out with plan.scale * the batch's loss scale folded in
+                torch.mm(d, p_out, out=d_dst)
             if p_in is None:
                 a_dst.copy_(a)
             else:
                 torch.mm(a, p_in, out=a_dst)
         lay.vec = True
+
+    def _scaled_factors(self, plan: LayerPlan, scale: float, dtype: torch.dtype, device: torch.device) -> tuple:
+        p_out = self.projector.factor(plan, "out", dtype, device)
+        return (None if p_out is None else p_out * (plan.scale * scale),
+                self.projector.factor(plan, "in", dtype, device))
 
     def _begin(self, n: int, a: torch.Tensor) -> None:
         """First layer of a captured batch's backward: reserve (and zero) rows, set this batch's loss scale."""
@@ -652,10 +663,14 @@ class GradientCapture(Callback):
         if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != a.device:
             self._emit()
             self._next_buffer(max(self.chunk_size, n), dtype, a.device)
+        key = (self._scale, dtype, a.device)
+        if key != self._factor_key and not self._sides.tensor:   # Kronecker: (P_out * scale, P_in) per layer
+            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, a.device) for lay in self._layers]
+        self._factor_key = key
+        self._no_autocast = _no_autocast(a.device)
         self._dtype = dtype
         self._r0 = self._chunk.rows
         self._n = n
-        self._chunk.features[self._r0:self._r0 + n].zero_()
 
     # -- chunks ------------------------------------------------------------------------------------------
     def _next_buffer(self, cap: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -694,6 +709,7 @@ class GradientCapture(Callback):
                 if score is not None:
                     score(feats)
                 self._kept.append((feats.cpu(), ch.row_meta()))
+                feats.zero_()
                 self._spare = ch
             return
         index = self._next_chunk
@@ -717,6 +733,7 @@ class GradientCapture(Callback):
         event = torch.cuda.Event()
         event.record()
         self._host_futures[cur] = self._writer.submit(write_chunk, self.rank_dir, index, host, meta, event)
+        feats.zero_()   # queued after the copy on the same stream
         self._cur = cur ^ 1
         self._spare = ch   # later kernels on the same stream run after the copy: safe to refill
 
@@ -747,7 +764,7 @@ class GradientCapture(Callback):
             chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, _Chunk) else c for c in self._kept]
             ch = self._chunk
             if ch is not None and ch.rows:   # rows not emitted yet (records read during fit)
-                chunks.append((ch.expand(self._sides).clone(), ch.row_meta()))
+                chunks.append((ch.expand(self._sides, out=ch.features[:ch.rows].clone()), ch.row_meta()))
         else:
             self._wait()
             chunks = [(torch.from_numpy(np.array(c["features"])), c) for c in read_capture(self.out_dir)
@@ -771,6 +788,7 @@ def _expand_and_write(chunk: _Chunk, layers: _Sides, rank_dir: Path, index: int,
     if score is not None:
         score(feats)
     write_chunk(rank_dir, index, feats, meta, None)
+    feats.zero_()   # the buffer is reused: its rows start at zero
 
 
 def _expand_and_score(chunk: _Chunk, layers: _Sides, score: Callable | None) -> torch.Tensor:
