@@ -853,12 +853,16 @@ class _QueryPass:
 
 
 def preflight_method(trainer: L.Trainer, method: Any) -> Any:
-    """The method `AttributionCallback` checks before training: for a TracIn whose scores will come from a
-    `GradientCapture` with queries on the same Trainer (lr recorded by the capture at every step), a copy with a
-    unit lr, so the check does not ask for per-snapshot learning rates; else `method` itself."""
+    """The method `AttributionCallback` checks before training: for a TracIn whose learning rates will be recorded
+    during the fit (by a `GradientCapture` with queries at every captured step, or by a `CheckpointCapture` with
+    every snapshot), a copy with a unit lr, so the check at the initial weights does not ask for them; else
+    `method` itself."""
+    from .checkpoint_capture import CheckpointCapture
+
     if getattr(method, "name", None) != "tracin" or getattr(method, "lr", None) is not None:
         return method
-    if not any(isinstance(c, GradientCapture) and c.query_dataset is not None for c in trainer.callbacks):
+    if not any((isinstance(c, GradientCapture) and c.query_dataset is not None) or isinstance(c, CheckpointCapture)
+               for c in trainer.callbacks):
         return method
     import copy
 
