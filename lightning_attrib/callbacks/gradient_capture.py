@@ -625,7 +625,8 @@ class GradientCapture(Callback):
             else:
                 feats = self._chunk.features[r0:r0 + n]
                 if lay.vec:   # a rank-one layer called again: its stored first call goes into the rows now
-                    self._sides.add(lay, feats, self._chunk.d[lay.index][r0:r0 + n], self._chunk.a[lay.index][r0:r0 + n])
+                    ch, i = self._chunk, lay.index
+                    self._sides.add(lay, feats, ch.d[i][r0:r0 + n], ch.a[i][r0:r0 + n])
                     lay.vec = False
                 scaled = [Term(t.a * self._scale, t.d, t.index, t.row0) for t in terms]
                 self.projector._combine(feats, [(lay.plan, scaled)], self._offsets)

@@ -29,7 +29,7 @@ from .layers import Layer
 from .outputs import OutputFunction, resolve_output
 from .sketch import HookedProjector, KroneckerProjector, TensorSketchProjector
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: every engine layer captured, `projector` recorded (1: Linear/Conv2d, Kronecker only)
 CAPTURE_PROJECTORS = ("tensorsketch", "factorized")   # GradientCapture(projector=...); "factorized" = Kronecker
 _SKETCH_TO_KIND = {"tensor": "tensorsketch", "kronecker": "factorized"}
 
@@ -48,7 +48,8 @@ def make_capture_projector(projector: str, module: nn.Module, output_fn: Callabl
     if projector == "tensorsketch":
         return TensorSketchProjector(module, output_fn, param_names, proj_dim, seed, None, capture_accept, kind)
     if projector in ("factorized", "kronecker"):
-        return KroneckerProjector(module, output_fn, param_names, proj_dim, seed, allocation, kind, None, capture_accept)
+        return KroneckerProjector(module, output_fn, param_names, proj_dim, seed, allocation, kind, None,
+                                  capture_accept)
     raise ValueError(f"projector must be one of {CAPTURE_PROJECTORS}, got {projector!r}")
 
 
