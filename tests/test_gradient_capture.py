@@ -497,14 +497,17 @@ def _token_data(n=40, length=7):
 @pytest.mark.parametrize("projector", ["tensorsketch", "factorized"])
 def test_capture_equals_make_projector_features(tmp_path, projector, model_name):
     """Captured rows == make_projector(kind, ...) post-hoc features at the weights each step trained at, for a model
-    without dropout/BatchNorm: every engine kind of a text transformer (Embedding, LayerNorm, MHA, Linear) and an
-    MLP (rank-one sides formed at the chunk hand-off), tensor sketch and Kronecker."""
+    without dropout/BatchNorm: every engine kind of a text transformer (Embedding, LayerNorm, MHA, Linear; chunk files)
+    and an MLP (rank-one sides formed at the chunk hand-off; in memory), tensor sketch and Kronecker."""
     torch.manual_seed(0)
     if model_name == "transformer":
         (x, y), model, post = _token_data(), _LitTokens(), _LitTokens()
     else:
         (x, y), model, post = _digits(40), _LitPlainMLP(), _LitPlainMLP()
-    cap = GradientCapture(projector=projector, proj_dim=48, seed=3, chunk_size=30, query_dataset=None)
+    # the transformer streams chunk files (a chunk of 30 rows holds one batch: buffers are reused, rows must start at
+    # zero), the MLP keeps its rows in memory
+    out_dir = tmp_path / "cap" if model_name == "transformer" else None
+    cap = GradientCapture(projector=projector, proj_dim=48, seed=3, chunk_size=30, query_dataset=None, out_dir=out_dir)
     _trainer(tmp_path, [cap], max_epochs=2).fit(model, DataLoader(TensorDataset(x, y, torch.arange(len(x))),
                                                                    batch_size=16))
     assert cap.skipped_params == [] and cap.projector_kind == projector
