@@ -195,9 +195,9 @@ class GradientCapture(Callback):
 
     Args:
         projector: "factorized" (default: Kronecker, `KroneckerProjector`) or "tensorsketch" (one count sketch of the
-            whole gradient, `TensorSketchProjector`: 0.05-0.16 LDS better at equal k post hoc, but its per-position
-            FFTs cost +100-190% of a CNN / transformer step in the capture; see `benchmarks/RESULTS.md`): the same
-            matrices as `Attributor(projector=...)` / `make_projector` with the same parameter selection and seed
+            whole gradient, `TensorSketchProjector`: 0.05-0.16 LDS better at equal k post hoc, but in the capture
+            +32% of a small transformer's step vs +12%, and 2-4x the writer thread's CPU; `benchmarks/RESULTS.md`):
+            the same matrices as `Attributor(projector=...)` / `make_projector` with the same parameter selection and seed
             (BatchNorm left out, see `skipped_params`).
         proj_dim, seed: the projection's size and seed; allocation: how "factorized" splits proj_dim over layers.
         params: parameter names/prefixes/predicate to capture (default: every trainable parameter of a layer the
