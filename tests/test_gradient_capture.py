@@ -1,4 +1,5 @@
-"""GradientCapture: in-training features == post-hoc FactorizedProjector features; chunk files; in-run TracIn; DDP."""
+"""GradientCapture: in-training features == post-hoc projector features (tensor sketch and Kronecker, every engine layer
+kind); chunk files; in-run TracIn; DDP."""
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_attrib.callbacks import CheckpointCapture
 from lightning_attrib.callbacks.gradient_capture import GradientCapture
 from lightning_attrib.core.capture import capture_projector, load_capture_settings, read_capture, tracin_from_capture
-from lightning_attrib.core.factorized import FactorizedProjector
+from lightning_attrib.core.sketch import make_projector
 from lightning_attrib.core.outputs import resolve_output
 from lightning_attrib.data import load_digits_tensors
 from tests.test_factorized import _explicit_features
@@ -30,7 +31,7 @@ def _trainer(tmp_path, callbacks, **kw):
 
 
 class _LitNet(L.LightningModule):
-    """Every capture path: a strided, padded Conv2d; LayerNorm (skipped); an in-place ReLU right on a hooked
+    """Every capture path: a strided, padded Conv2d; LayerNorm; an in-place ReLU right on a hooked
     Linear; a Linear over 3 positions without bias; a Linear called twice (summed); a Linear off the loss path."""
 
     def __init__(self):
@@ -74,10 +75,10 @@ def test_capture_equals_post_hoc_features_on_every_path(tmp_path, proj_dim, stor
     torch.manual_seed(0)
     model = _LitNet()
     cap = GradientCapture(proj_dim=proj_dim, seed=4, out_dir=tmp_path / "cap" if store == "disk" else None,
-                          chunk_size=40, ids_fn=lambda b: torch.arange(len(b[0])))
+                          chunk_size=40, ids_fn=lambda b: torch.arange(len(b[0])), projector="factorized")
     _trainer(tmp_path, [cap], accumulate_grad_batches=2).fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
-    assert cap.skipped_params == ["ln.weight", "ln.bias"]
-    assert [la.plan.name for la in cap._layers] == ["conv", "fc", "seq", "twice", "unused", "head"]
+    assert cap.skipped_params == []   # the layer engine hooks LayerNorm too
+    assert [la.plan.name for la in cap._layers] == ["conv", "ln", "fc", "seq", "twice", "unused", "head"]
     records = cap.records
     assert [(r["step"], r["batch_idx"]) for r in records] == [(0, 0), (0, 1), (1, 2)]
     assert all(r["lr"] == 0.5 for r in records)
@@ -86,7 +87,8 @@ def test_capture_equals_post_hoc_features_on_every_path(tmp_path, proj_dim, stor
     for rec in records:
         post.load_state_dict(model.before[rec["step"]])
         i = rec["batch_idx"] * 32
-        fp = FactorizedProjector(post, loss, cap.param_names, proj_dim=proj_dim, seed=4)
+        fp = make_projector("factorized", post, loss, cap.param_names, proj_dim, 4)
+        assert fp.layout_hash == cap.projector.layout_hash
         ref = fp.features((x[i:i + 32], y[i:i + 32]))
         assert rec["features"].shape == ref.shape == (len(ref), cap.projector.proj_dim)
         scale = ref.abs().max()
@@ -137,7 +139,8 @@ def test_in_run_tracin_from_chunk_files_equals_brute_force(tmp_path):
     out = tmp_path / "cap"
     # the documented recipe: snapshots every n steps next to a capture every n steps (the weights of step s are
     # saved as snapshot-step{s}; CheckpointCapture saves none for step 0)
-    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, ids_fn=lambda b: b[2], out_dir=out, chunk_size=40)
+    cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, ids_fn=lambda b: b[2], out_dir=out, chunk_size=40,
+                          projector="factorized")
     snaps = CheckpointCapture(dirpath=tmp_path / "snaps", every_n_steps=2)
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
     _trainer(tmp_path, [cap, snaps], max_epochs=3).fit(model, loader)
@@ -164,7 +167,7 @@ def test_in_run_tracin_from_chunk_files_equals_brute_force(tmp_path):
     for step in range(0, 12, 2):
         log = model.log_steps[step]
         ref.load_state_dict(log["weights"])
-        fp = FactorizedProjector(ref, loss, None, proj_dim=40, seed=1)
+        fp = make_projector("factorized", ref, loss, None, 40, 1)
         ids = log["ids"].numpy()
         phi = _explicit_features(fp, ref, loss, (x[ids], y[ids])).numpy()
         np.add.at(ref_self, ids, log["lr"] * (phi ** 2).sum(1))
@@ -259,7 +262,7 @@ def test_bf16_mixed_precision_runs_and_stays_close(tmp_path):
     model = _LitMLP()
     cap = GradientCapture(proj_dim=40, seed=1, ids_fn=lambda b: b[2])
     _trainer(tmp_path, [cap], precision="bf16-mixed").fit(model, DataLoader(TensorDataset(x, y, torch.arange(64)), batch_size=32))
-    proj = FactorizedProjector(_LitMLP(), resolve_output("loss"), cap.param_names, proj_dim=40, seed=1)
+    proj = make_projector(cap.projector_kind, _LitMLP(), resolve_output("loss"), cap.param_names, 40, 1)
     for rec in cap.records:
         proj.module.load_state_dict(model.log_steps[rec["step"]]["weights"])
         ref = proj.features((x[rec["ids"]], y[rec["ids"]]))
@@ -364,7 +367,7 @@ def test_attribution_callback_tracin_takes_the_capture(tmp_path, every):
         return
     missing = ~captured
     assert missing.any() and res.manifest["post_hoc_examples"] == int(missing.sum())
-    fp = FactorizedProjector(model, resolve_output("loss"), cap.param_names, proj_dim=32, seed=0)
+    fp = make_projector(cap.projector_kind, model, resolve_output("loss"), cap.param_names, 32, 0)
     phi, psi = fp.features((x[missing], y[missing])).double(), fp.features((xv, yv)).double()
     weight = cap.seen.numpy()[missing] * cap.last_lr
     assert (cap.seen.numpy() == 2).all()                                      # 2 epochs: each example twice
@@ -442,3 +445,103 @@ def test_in_run_scores_survive_a_resumed_fit(tmp_path):
     assert resumed.manifest["captured_steps"] == full.manifest["captured_steps"] == 9
     np.testing.assert_allclose(resumed.scores, full.scores, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(resumed.self_influence, full.self_influence, rtol=1e-5)
+
+
+class _LitTokens(L.LightningModule):
+    """A small text transformer without dropout: Embedding (padding_idx 0) + a stock TransformerEncoder with a key
+    padding mask (MultiheadAttention, two LayerNorms, two Linears) + mean pool + Linear head."""
+
+    def __init__(self, vocab=20, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(width, 2, 24, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(width, 3)
+        self.before: dict[int, dict] = {}
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.enc(self.emb(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before.setdefault(self.trainer.global_step, {k: v.detach().clone() for k, v in self.state_dict().items()})
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class _LitPlainMLP(_LitTokens):
+    def __init__(self):
+        L.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10))
+        self.before = {}
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _token_data(n=40, length=7):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 20, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0     # right padding
+    return tokens, tokens[:, 0] % 3
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "mlp"])
+@pytest.mark.parametrize("projector", ["tensorsketch", "factorized"])
+def test_capture_equals_make_projector_features(tmp_path, projector, model_name):
+    """Captured rows == make_projector(kind, ...) post-hoc features at the weights each step trained at, for a model
+    without dropout/BatchNorm: every engine kind of a text transformer (Embedding, LayerNorm, MHA, Linear; chunk files)
+    and an MLP (rank-one sides formed at the chunk hand-off; in memory), tensor sketch and Kronecker."""
+    torch.manual_seed(0)
+    if model_name == "transformer":
+        (x, y), model, post = _token_data(), _LitTokens(), _LitTokens()
+    else:
+        (x, y), model, post = _digits(40), _LitPlainMLP(), _LitPlainMLP()
+    # the transformer streams chunk files (a chunk of 30 rows holds one batch: buffers are reused, rows must start at
+    # zero), the MLP keeps its rows in memory
+    out_dir = tmp_path / "cap" if model_name == "transformer" else None
+    cap = GradientCapture(projector=projector, proj_dim=48, seed=3, chunk_size=30, query_dataset=None, out_dir=out_dir)
+    _trainer(tmp_path, [cap], max_epochs=2).fit(model, DataLoader(TensorDataset(x, y, torch.arange(len(x))),
+                                                                   batch_size=16))
+    assert cap.skipped_params == [] and cap.projector_kind == projector
+    kinds = {la.plan.kind for la in cap._layers}
+    assert kinds == ({"embedding", "mha", "linear", "norm"} if model_name == "transformer" else {"linear"})
+    if model_name == "mlp":
+        assert all(la.deferrable for la in cap._layers)
+    records = cap.records
+    assert [r["step"] for r in records] == list(range(6))
+    loss = resolve_output("loss")
+    for rec in records:
+        post.load_state_dict(model.before[rec["step"]])
+        ref_proj = make_projector(projector, post, loss, cap.param_names, 48, 3)
+        assert ref_proj.layout_hash == cap.projector.layout_hash and not ref_proj.fallback.param_names
+        i = rec["batch_idx"] * 16
+        ref = ref_proj.features((x[i:i + 16], y[i:i + 16]))
+        assert rec["features"].shape == ref.shape and ref.abs().max() > 0
+        torch.testing.assert_close(rec["features"], ref, rtol=1e-4, atol=1e-5 * ref.abs().max())
+
+
+def test_batchnorm_is_skipped_and_an_explicit_selection_of_it_refused(tmp_path):
+    """BatchNorm normalizes with batch statistics in train mode: its parameters are listed as skipped; asking for them
+    explicitly is refused before the first step."""
+
+    class _BN(_LitPlainMLP):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 10))
+
+    x, y = _digits(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    cap = GradientCapture(proj_dim=32, query_dataset=None)
+    _trainer(tmp_path, [cap]).fit(_BN(), loader)
+    assert cap.skipped_params == ["net.1.weight", "net.1.bias"] and len(cap.records) == 2
+    with pytest.raises(ValueError, match="BatchNorm"):
+        _trainer(tmp_path, [GradientCapture(proj_dim=32, params=["net.0", "net.1"], query_dataset=None)]).fit(
+            _BN(), loader)

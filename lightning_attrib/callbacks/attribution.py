@@ -16,13 +16,13 @@ from torch.utils.data import Dataset
 
 from ..core.methods import FeatureMethod, make_method
 from ..core.preflight import PreflightReport, preflight, warn_if_augmented
-from ..core.tasks import OutputFunction, Task, TaskOutput
+from ..core.tasks import OutputFunction, Task, TaskOutput, resolve_output
 from ..core.pipeline import Attributor
 from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
-from .gradient_capture import captured_tracin
+from .gradient_capture import GradientCapture, captured_tracin
 
 
 class AttributionCallback(Callback):
@@ -97,8 +97,6 @@ class AttributionCallback(Callback):
             raise TypeError("output_fn must be 'margin', 'loss', a task name, a Task or a callable (module, batch) -> "
                             "per-example scalar")
         if isinstance(method, str) and output_fn is not None:
-            from ..core.tasks import resolve_output
-
             resolve_output(output_fn, method=make_method(method, **(method_kwargs or {})))  # Q known? names valid?
         for name, fn in (("collate_fn", collate_fn), ("to_display", to_display), ("to_image", to_image)):
             if fn is not None and not callable(fn):
@@ -151,7 +149,8 @@ class AttributionCallback(Callback):
                 self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
                 self._check_display(train_ds)
             # snapshots from CheckpointCapture (or GradientCapture's steps) record the learning rate, which TracIn needs
-            records_lr = any(type(c).__name__ in ("CheckpointCapture", "GradientCapture") for c in trainer.callbacks)
+            records_lr = any(isinstance(c, CheckpointCapture) or (isinstance(c, GradientCapture) and c.query_dataset
+                                                                  is not None) for c in trainer.callbacks)
             self.preflight_report = preflight(
                 pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
                 device=pl_module.device, snapshot_lr=1.0 if records_lr else None,
@@ -214,13 +213,9 @@ class AttributionCallback(Callback):
         finally:
             progress.close()
         if trainer.is_global_zero:
-            if attributor is not None:
-                output = attributor.output
-            else:  # in-run scores from the capture: the same task the Attributor would have resolved
-                from ..core.tasks import resolve_output
-
-                output = resolve_output(self.output_fn, default=method.output, module=pl_module, method=method,
-                                        dataset=train_ds, collate_fn=collate)
+            output = attributor.output if attributor is not None else resolve_output(
+                self.output_fn, default=method.output, module=pl_module, method=method, dataset=train_ds,
+                collate_fn=collate)   # in-run scores from a GradientCapture: no Attributor ran
             self._evaluate_and_report(trainer, pl_module, train_ds, query_ds, collate, query_collate, dist.device,
                                       output)
         trainer.strategy.barrier("AttributionCallback")

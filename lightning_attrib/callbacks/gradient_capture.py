@@ -1,33 +1,31 @@
-"""`GradientCapture`: Kronecker-projected per-example loss gradients captured inside real training steps.
+"""`GradientCapture`: projected per-example loss gradients captured inside real training steps.
 
-The training step already runs a batched forward and backward of the loss. Hooks on the factorizable
-layers (nn.Linear, nn.Conv2d; see `core.factorized`) project each layer's input in the forward and its
-output gradient in the backward, so the projected per-example gradient of every training example in the
-batch comes at the cost of a few small matmuls, at the weights of that step (before the optimizer moves
-them): exactly what in-run TracIn sums over steps.
+The training step already runs a batched forward and backward of the loss. The layer engine (`core/layers.py`)
+records every hookable layer of the step (nn.Linear, nn.Conv1d/2d, nn.Embedding, LayerNorm/GroupNorm affine
+parameters, nn.MultiheadAttention's packed in-projection, HF Conv1D) with `recording(on_grad=..., eval_mode=False)`:
+the step's own `loss.backward()` hands each layer's per-example factors (A_t, D_t) to this callback, which turns
+them into the capture projector's features (`projector="tensorsketch"`: `core.sketch.TensorSketchProjector`,
+`"factorized"`: `KroneckerProjector`), at the weights of that step (before the optimizer moves them): exactly what
+in-run TracIn sums over steps. The projection maths is the projectors'; this module keeps only Lightning hooks,
+row buffers and the hand-off to the chunk writer (`core/capture.py`, the one place of the on-disk format).
 
-With a loss that is the mean of per-example losses, the output gradient the backward sees for example i
-is (1/B) d loss_i / d output_i (divided again by `accumulate_grad_batches`, which Lightning applies), so
-the captured features are rescaled by B * accumulate_grad_batches (and by 1 / the AMP grad scale when a
-GradScaler is active). They then equal `FactorizedProjector(module, "loss" output, ...).features(batch)`
-at the same weights for a model without train/eval differences (no dropout, no BatchNorm); with those
-layers the captured gradients are of the train-mode loss the optimizer actually used.
+With a loss that is the mean of per-example losses, the output gradient the backward sees for example i is
+(1/B) d loss_i / d output_i (divided again by `accumulate_grad_batches`, which Lightning applies), so the captured
+features are rescaled by B * accumulate_grad_batches (and by 1 / the AMP grad scale when a GradScaler is active).
+They then equal `capture_projector(...)` / `make_capture_projector(...).features(batch)` (the "loss" output) at the
+same weights for a model without train/eval differences (no dropout, no BatchNorm); with dropout the captured
+gradients are of the train-mode loss the optimizer actually used. BatchNorm layers normalize with batch statistics
+in train mode (examples are not independent): their parameters are not captured (`skipped_params`).
 
-Hot path (what a captured step costs). Every scale (layer.scale, B * accumulate_grad_batches, 1 / AMP scale)
-is folded into cached factor matrices, so per layer the forward hook does one matmul (P_in^T a) and the
-gradient hook one matmul (P_out^T delta), both written with `out=` into preallocated chunk buffers. For a
-Linear layer with one position per example the block is the rank-one outer product of those two small
-vectors; it is not formed in the step: the whole chunk's outer products are expanded at once (one or two
-ops per layer) when the chunk is handed off, on the writer thread on CPU. Conv2d layers (P_in^T of every
-patch is a convolution with a (k_in, C_in, kh, kw) kernel, no unfold), Linear layers over positions and a
-layer called twice in a step form their block in the step. Nothing is cloned (a tensor hook registered
-before an in-place op still receives the gradient of the value it was registered on), nothing is copied
-to the host per step (ids stay on the device until the chunk is handed off), and with `out_dir` two chunk
-buffers alternate, so no memory is allocated per step (with a fp16 GradScaler, reading its scale syncs the
-device once a step). What is left is ~6 thin matmuls and ~6 Python hook calls per step, plus on CPU the
-writer thread's expansion and file writes (8 KB per example at proj_dim=2048): +14% training-thread CPU on
-a 2.5 ms MLP step at batch 64, +9% on a 14 ms one (`benchmarks/RESULTS.md`, Capture overhead);
-`every_n_steps=n` pays it on every n-th step only (+4% at n=4).
+Hot path. A layer with one position per example (a Linear on (B, d) inputs: most MLP layers, classifier heads) has a
+rank-one per-example gradient d_i a_i^T: its two sides are stored in the chunk buffer (Kronecker: P_out^T d and P_in^T
+a; tensor sketch: d and a themselves, when d_in + d_out <= 2 proj_dim) and the features are formed for the whole
+chunk at once when it is handed off (outer products, or count sketches + FFTs), on the writer thread on CPU. Every
+other layer (positions: conv pixels, tokens; a layer called twice in a step; embeddings, norms, attention) is
+projected in the step by the projector's own `_combine`. Nothing is copied to the host per step (ids stay on the
+device until the chunk is handed off), and with `out_dir` two chunk buffers alternate. Overheads: see
+`benchmarks/bench_capture_overhead.py` and `benchmarks/RESULTS.md` (Capture overhead); `every_n_steps=n` pays the
+cost on every n-th step only.
 
 On-disk format (`out_dir`): see `core/capture.py` (chunk files per rank, streamed while training runs).
 `core.capture.read_capture` iterates the chunks, `capture_projector` rebuilds the projector with the same
@@ -36,7 +34,7 @@ matrices, and `tracin_from_capture` turns a capture into in-run TracIn scores:
     cap = GradientCapture(out_dir="capture", every_n_steps=n, ids_fn=lambda batch: batch[2])  # dataset ids
     snaps = CheckpointCapture(dirpath="snaps", every_n_steps=n)   # the weights each captured step trained at
     trainer = L.Trainer(callbacks=[cap, snaps], ...); trainer.fit(model, loader)
-    proj = capture_projector("capture", model)                    # the capture's projection matrices
+    proj = capture_projector("capture", model)                    # the capture's projection
     def query_features(step):
         path = f"snaps/snapshot-step{step:08d}.pt"
         if not os.path.exists(path): return None                  # step 0: CheckpointCapture saves none
@@ -50,10 +48,10 @@ captured step and the scores accumulate during training instead: no snapshots, n
 indices are recorded), a standard result at the end of fit (`result`, `load_results(result_dir)`), and
 `AttributionCallback(method="tracin")` on the same Trainer takes it as its result (`captured_tracin`).
 
-Limitations: parameters outside Linear/Conv2d layers (norms, embeddings) cannot be captured this way;
-with `params=None` they are left out (listed in `skipped_params`), an explicit `params` selection that
-includes them is refused. A layer that runs twice in a step (weight sharing, two forwards) gets the sum of
-both calls' terms, as its gradient does; a captured step must run one backward (on_after_backward closes it).
+Limitations: parameters the engine does not hook (and BatchNorm's) cannot be captured this way; with `params=None`
+they are left out (listed in `skipped_params`), an explicit `params` selection that includes them is refused. A layer
+that runs twice in a step (weight sharing, two forwards) gets the sum of both calls' terms, as its gradient does; a
+captured step must run one backward (on_after_backward closes it).
 """
 from __future__ import annotations
 
@@ -68,21 +66,23 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.batches import move_to
-from ..core.capture import (FORMAT_VERSION, META_FIELDS, BatchIndexRecorder, InRunScores, chunk_features_path,
-                            read_capture, runs, write_chunk)
-from ..core.factorized import ALLOCATIONS, FactorizedProjector, LayerPlan
+from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, BatchIndexRecorder, InRunScores,
+                            chunk_features_path, make_capture_projector, projector_kind, read_capture, runs,
+                            write_chunk)
 from ..core.gradients import select_parameters
+from ..core.layers import SUPPORTED, Layer, Term
 from ..core.outputs import resolve_output
+from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
-PENDING_QUERY_BYTES = 256 << 20
-MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training   # query features of captured steps not yet scored: a chunk is emitted beyond this
+PENDING_QUERY_BYTES = 256 << 20    # query features of captured steps not yet scored: a chunk is emitted beyond this
+MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training
+_RANK_ONE_KINDS = ("linear", "hf_conv1d")
 
 
 class _NullContext:
@@ -102,59 +102,58 @@ def _no_autocast(device: torch.device) -> Any:
 
 
 class _Layer:
-    """One hooked layer: where its block goes in a feature row, and what happened to it in this step."""
+    """One captured layer: where its block goes in a feature row, whether its rank-one sides are deferred to the
+    chunk hand-off, and what happened to it in this step (`fired`: backward calls; `vec`: sides stored)."""
 
-    __slots__ = ("plan", "module", "index", "start", "full", "rem", "factorable", "calls", "fired", "vec", "grad_hook")
+    __slots__ = ("plan", "index", "start", "full", "rem", "deferrable", "side_in", "side_out", "fired", "vec")
 
-    def __init__(self, plan: LayerPlan, module: nn.Module, index: int, start: int):
-        self.plan, self.module, self.index, self.start = plan, module, index, start
-        self.full, self.rem = divmod(plan.dim, plan.k_in)   # dim = full rows of k_in + a partial row of rem
-        self.factorable = plan.kind == "linear"              # one position per example: a rank-one block
-        self.calls = self.fired = 0
+    def __init__(self, plan: LayerPlan, index: int, start: int, tensor: bool, proj_dim: int):
+        self.plan, self.index, self.start = plan, index, start
+        self.full, self.rem = divmod(plan.dim, plan.k_in)   # Kronecker: dim = full rows of k_in + a partial row
+        if tensor:   # raw sides, when they are no larger than their sketches would be
+            self.side_in, self.side_out = plan.d_in, plan.d_out
+            self.deferrable = plan.kind in _RANK_ONE_KINDS and plan.d_in + plan.d_out <= 2 * proj_dim
+        else:        # projected sides
+            self.side_in, self.side_out = plan.k_in, plan.k_out
+            self.deferrable = plan.kind in _RANK_ONE_KINDS
+        self.fired = 0
         self.vec = False
-        self.grad_hook: Callable | None = None
-
-    def expand(self, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> None:
-        """features[:, block] = vec(d_i a_i^T)[:dim] for rows of d (n, k_out) and a (n, k_in), in place."""
-        n, start, full, rem, k_in = d.shape[0], self.start, self.full, self.rem, self.plan.k_in
-        torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))
-        if rem:
-            torch.mul(d[:, full:full + 1], a[:, :rem], out=features[:, start + full * k_in:start + self.plan.dim])
 
 
 class _Chunk:
-    """Preallocated rows: features, the rank-one factors of Linear layers (expanded per chunk, off the hot
-    path), which rows hold such factors, and the per-row metadata."""
+    """Preallocated rows: features, the rank-one sides of deferrable layers (turned into features per chunk, off
+    the hot path), which rows hold such sides, and the per-row metadata."""
 
     def __init__(self, cap: int, proj_dim: int, layers: list[_Layer], dtype: torch.dtype, device: torch.device):
         self.cap, self.dtype, self.device, self.rows = cap, dtype, device, 0
-        self.features = torch.empty(cap, proj_dim, dtype=torch.float32, device=device)
+        # zero: rows are filled by adding (tensor sketch, in-step blocks); a reused buffer is zeroed after its hand-off
+        self.features = torch.zeros(cap, proj_dim, dtype=torch.float32, device=device)
         self.a: list[torch.Tensor | None] = []
         self.d: list[torch.Tensor | None] = []
         for lay in layers:
-            fac = lay.factorable
-            self.a.append(torch.empty(cap, lay.plan.k_in, dtype=dtype, device=device) if fac else None)
-            self.d.append(torch.empty(cap, lay.plan.k_out, dtype=dtype, device=device) if fac else None)
-            if fac and lay.plan.in_identity and lay.plan.has_bias:
-                self.a[-1][:, -1] = 1.0   # the bias's input column of ones (the scale sits on the out side)
+            fac = lay.deferrable
+            self.a.append(torch.empty(cap, lay.side_in, dtype=dtype, device=device) if fac else None)
+            self.d.append(torch.empty(cap, lay.side_out, dtype=dtype, device=device) if fac else None)
         self.factored = np.zeros((len(layers), cap), dtype=bool)
         self.meta = {k: np.empty(cap, dtype=t) for k, t in META_FIELDS if k != "ids"}
         self.ids = torch.full((cap,), -1, dtype=torch.int64, device=device)  # on the device: no per-step sync
         self.future: Future | None = None
 
-    def expand(self, layers: list[_Layer], release: bool = False) -> torch.Tensor:
-        """Write the factored rows' outer products into `features` (one or two ops per layer); return the rows."""
+    def expand(self, sides: "_Sides", release: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the stored rank-one rows' features into `features` (or into `out`, a copy of the filled rows, which
+        leaves this chunk as it is); return the filled rows."""
         rows = self.rows
-        for lay in layers:
+        feats = self.features[:rows] if out is None else out
+        for lay in sides.layers:
             if self.a[lay.index] is None:
                 continue
             for lo, hi in runs(self.factored[lay.index, :rows]):
                 if self.factored[lay.index, lo]:
-                    lay.expand(self.features[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
-        if release:  # kept in memory: the factors are not needed any more
+                    sides.add(lay, feats[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
+        if release:  # kept in memory: the sides are not needed any more
             self.a = [None] * len(self.a)
             self.d = [None] * len(self.d)
-        return self.features[:rows]
+        return feats
 
     def reset(self) -> None:
         self.rows = 0
@@ -167,14 +166,42 @@ class _Chunk:
         return meta
 
 
+class _Sides:
+    """Turns stored rank-one sides (d, a) of a layer into its feature contribution, with the capture projector's
+    matrices: Kronecker vec((P_out^T d)(P_in^T a)^T)[:dim] at the layer's block; tensor sketch the circular
+    convolution of the sides' count sketches (FFT), added to every column."""
+
+    def __init__(self, projector: HookedProjector, layers: list[_Layer]):
+        self.projector, self.layers = projector, layers
+        self.tensor = isinstance(projector, TensorSketchProjector)
+
+    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> None:
+        if self.tensor:
+            p, plan, s = self.projector, lay.plan, self.projector.proj_dim
+            b_out, s_out = p._side(plan, "out", d.dtype, d.device)
+            b_in, s_in = p._side(plan, "in", a.dtype, a.device)
+            spec = torch.fft.rfft(p._sketch_rows(d, b_out, s_out, s), dim=1) * torch.fft.rfft(
+                p._sketch_rows(a, b_in, s_in, s), dim=1)
+            features += torch.fft.irfft(spec, n=s, dim=1).float()
+            return
+        n, start, full, rem, k_in = d.shape[0], lay.start, lay.full, lay.rem, lay.plan.k_in
+        torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))
+        if rem:
+            torch.mul(d[:, full:full + 1], a[:, :rem], out=features[:, start + full * k_in:start + lay.plan.dim])
+
+
 class GradientCapture(Callback):
     """Projected per-example loss gradients of training batches, (B, proj_dim) float32, captured in the steps.
 
     Args:
-        proj_dim, seed, allocation: the factorized projection (same meaning, and the same matrices, as
-            `FactorizedProjector` / `Attributor(projector="factorized")` with the same parameter selection).
-        params: parameter names/prefixes/predicate to capture (default: every trainable Linear/Conv2d
-            weight and bias of the LightningModule).
+        projector: "factorized" (default: Kronecker, `KroneckerProjector`) or "tensorsketch" (one count sketch of the
+            whole gradient, `TensorSketchProjector`: 0.05-0.16 LDS better at equal k post hoc, but in the capture
+            +32% of a small transformer's step vs +12%, and 2-4x the writer thread's CPU; `benchmarks/RESULTS.md`):
+            the same matrices as `Attributor(projector=...)` / `make_projector` with the same parameter selection and seed
+            (BatchNorm left out, see `skipped_params`).
+        proj_dim, seed: the projection's size and seed; allocation: how "factorized" splits proj_dim over layers.
+        params: parameter names/prefixes/predicate to capture (default: every trainable parameter of a layer the
+            engine hooks: Linear, Conv1d/2d, Embedding, LayerNorm/GroupNorm, MultiheadAttention, HF Conv1D).
         every_n_steps: capture the batches of every n-th optimizer step (1: every batch). The capture
             cost is paid on captured steps only, so n divides the overhead by about n; in-run TracIn then
             sums over every n-th step (multiply by n for an estimate of the full sum).
@@ -198,7 +225,7 @@ class GradientCapture(Callback):
     yields (`core.capture.BatchIndexRecorder`), so rows carry ids without changing the dataset or `training_step`.
     """
 
-    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal",
+    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", projector: str = "factorized",
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
                  out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
@@ -211,11 +238,13 @@ class GradientCapture(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if projector not in CAPTURE_PROJECTORS:
+            raise ValueError(f"projector must be one of {CAPTURE_PROJECTORS}, got {projector!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if ids_fn is not None and not callable(ids_fn):
             raise TypeError(f"ids_fn must be a callable batch -> Tensor[B] of dataset indices, got {type(ids_fn).__name__}")
-        self.proj_dim, self.seed, self.allocation = proj_dim, seed, allocation
+        self.proj_dim, self.seed, self.allocation, self.projector_kind = proj_dim, seed, allocation, projector
         self.params, self.every_n_steps, self.ids_fn, self.reduction = params, every_n_steps, ids_fn, reduction
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.chunk_size = chunk_size
@@ -231,12 +260,14 @@ class GradientCapture(Callback):
         self._n_train: int | None = None
         self._resume_inrun: dict | None = None
         self.query_source: Dataset | None = None   # the query dataset the in-run scores are against
-        self.projector: FactorizedProjector | None = None
+        self.projector: HookedProjector | None = None
         self.param_names: list[str] = []
         self.skipped_params: list[str] = []
         self.rank_dir: Path | None = None
         self._layers: list[_Layer] = []
-        self._handles: list = []
+        self._by_name: dict[str, _Layer] = {}
+        self._sides: _Sides | None = None
+        self._recording: Any = None   # the engine's recording context of the captured batch, while open
         self._trainer: L.Trainer | None = None
         self._resume_step: int | None = None
         self._owns_rank_dir = False
@@ -254,10 +285,10 @@ class GradientCapture(Callback):
         self._host_futures: list[Future | None] = [None, None]
         self._cur = 0
         self._next_chunk = 0
-        self._factors: dict[tuple, list[tuple]] = {}
-        self._f: list[tuple] = []
-        self._scale: tuple | None = None
         self._dtype = torch.float32
+        self._scale = 1.0        # the loss-reduction scale of the batch being captured
+        self._factors: list[tuple] = []        # Kronecker rank-one path: per layer (P_out * scales, P_in)
+        self._factor_key: tuple | None = None
         self._no_autocast: Any = _NULL
         self._base_scale = 1.0
         self._scaler = None
@@ -297,33 +328,40 @@ class GradientCapture(Callback):
                 os.replace(tmp, path)
 
     def _build_projector(self, pl_module: L.LightningModule) -> None:
+        """The capture projector over the engine's layers (BatchNorm vetoed); what it cannot hook is skipped
+        (params=None) or refused (explicit params), before the first training step."""
         chosen = select_parameters(pl_module, self.params)
-        probe = FactorizedProjector(pl_module, None, chosen, self.proj_dim, self.seed, self.allocation)
+
+        def build(names):
+            return make_capture_projector(self.projector_kind, pl_module, None, names, self.proj_dim, self.seed,
+                                          self.allocation)
+        probe = build(chosen)
         if probe.fallback.param_names:
             if self.params is not None:
                 raise ValueError(
-                    f"GradientCapture can only capture Linear/Conv2d weights and biases; params selects "
-                    f"{probe.fallback.param_names[:5]} as well. Select only those layers' parameters."
-                )
+                    f"GradientCapture captures the parameters of {', '.join(SUPPORTED)} layers (BatchNorm excluded: "
+                    f"batch statistics in train mode); params selects {probe.fallback.param_names[:5]} as well. "
+                    "Select only those layers' parameters, or params=None to skip the others.")
             self.skipped_params = list(probe.fallback.param_names)
             chosen = [n for la in probe.layers for n in la.param_names]
             if not chosen:
-                raise ValueError("GradientCapture found no trainable nn.Linear/nn.Conv2d layer to capture")
-            probe = FactorizedProjector(pl_module, None, chosen, self.proj_dim, self.seed, self.allocation)
+                raise ValueError(f"GradientCapture found no trainable layer it can capture ({', '.join(SUPPORTED)})")
+            probe = build(chosen)
         self.param_names, self.projector = chosen, probe
-        modules, start = dict(pl_module.named_modules()), 0
+        tensor, start = isinstance(probe, TensorSketchProjector), 0
         self._layers = []
         for plan in probe.layers:
             if plan.dim:
-                self._layers.append(_Layer(plan, modules[plan.name], len(self._layers), start))
-            start += plan.dim
-        for lay in self._layers:
-            lay.grad_hook = self._make_grad_hook(lay)
+                self._layers.append(_Layer(plan, len(self._layers), start, tensor, probe.proj_dim))
+            start += 0 if tensor else plan.dim
+        self._by_name = {lay.plan.name: lay for lay in self._layers}
+        self._offsets = {lay.plan.name: lay.start for lay in self._layers}
+        self._sides = _Sides(probe, self._layers)
 
     def settings(self, world_size: int = 1) -> dict:
         """What the captured features depend on besides the weights (written to `capture.json`)."""
         return {"format": "lightning-attrib-gradient-capture", "version": FORMAT_VERSION,
-                "layout": self.projector.layout, "layout_hash": self.projector.layout_hash,
+                "projector": projector_kind(self.projector), "layout": self.projector.layout, "layout_hash": self.projector.layout_hash,
                 "param_names": self.param_names, "skipped_params": self.skipped_params,
                 "proj_dim": self.projector.proj_dim, "every_n_steps": self.every_n_steps,
                 "reduction": self.reduction, "output": "loss", "world_size": int(world_size),
@@ -340,8 +378,6 @@ class GradientCapture(Callback):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="GradientCapture",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._setup_ids_and_queries(trainer, pl_module)
-        if self.every_n_steps == 1:  # every step is captured: keep the hooks for the whole fit
-            self._add_hooks()
 
     def _setup_ids_and_queries(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the training batches' dataset indices (no `ids_fn`), and prepare the query pass (`query_dataset`)."""
@@ -424,8 +460,6 @@ class GradientCapture(Callback):
             if len(self._pending) * self._queries.bytes_per_step >= PENDING_QUERY_BYTES:
                 self._emit()   # score the rows captured so far and let their steps' query features go
             self._pending[step] = self._queries.features()
-        if not self._handles:
-            self._add_hooks()
         scale = float(trainer.accumulate_grad_batches)
         if self._scaler is not None:
             scale /= float(self._scaler.get_scale())
@@ -436,25 +470,24 @@ class GradientCapture(Callback):
             torch.tensor(recorded, dtype=torch.int64) if recorded is not None else None)
         self._n = None
         self._active = True
+        # the query pass above ran its own recording; the capture's opens last (MHA forwards are patched inside)
+        self._recording = self.projector.engine.recording(on_grad=self._on_terms, eval_mode=False)
+        self._recording.__enter__()
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active:
             return
         self._active = False
-        if self.every_n_steps > 1:
-            self._remove_hooks()
+        self._close_recording()
         n = self._n
         if n is None:  # no hooked layer ran in this step's forward
             return
         ch, r0 = self._chunk, self._r0
         r1 = r0 + n
-        for lay in self._layers:
-            factored = lay.vec and lay.calls == 1 and lay.fired == 1
-            if not lay.fired:  # not on the loss's path (or never called): its gradient is zero
-                ch.features[r0:r1, lay.start:lay.start + lay.plan.dim].zero_()
-            if lay.factorable:
-                ch.factored[lay.index, r0:r1] = factored
-            lay.calls = lay.fired = 0
+        for lay in self._layers:   # a layer off the loss's path never fired: its rows stay zero
+            if lay.deferrable:
+                ch.factored[lay.index, r0:r1] = lay.vec
+            lay.fired = 0
             lay.vec = False
         meta = ch.meta
         step, epoch, batch_idx, lr = self._row_meta
@@ -472,11 +505,10 @@ class GradientCapture(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._active:  # a step without backward (skipped, or no loss): no rows, no hooks left behind
             self._active = False
+            self._close_recording()
             for lay in self._layers:
-                lay.calls = lay.fired = 0
+                lay.fired = 0
                 lay.vec = False
-            if self.every_n_steps > 1:
-                self._remove_hooks()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.out_dir is not None and self._chunk is not None:  # everything up to the checkpoint is on disk
@@ -506,10 +538,11 @@ class GradientCapture(Callback):
             manifest = {
                 "method": "tracin", "variant": "in-run: GradientCapture(query_dataset=...), queries featurized at "
                 "every captured step; self-influence NaN for examples never in a captured batch",
-                "output": "loss", "projector": "factorized",
+                "output": "loss", "projector": projector_kind(self.projector),
                 "proj_dim": self.projector.proj_dim, "seed": self.seed, "n_train": inrun.n_train,
                 "n_query": inrun.n_query, "every_n_steps": self.every_n_steps, "captured_steps": len(inrun.steps),
                 "never_captured": int(never.sum()), "lr": "recorded at every captured step",
+                "excluded": {"train": np.flatnonzero(never.cpu().numpy()).tolist(), "query": []},   # NaN self-influence
                 "world_size": trainer.world_size, "constant_self_influence": False, "self_influence_computed": True,
                 "excluded": {"train": never.nonzero().flatten().tolist(), "query": []},  # no captured step: no score
                 "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
@@ -531,7 +564,7 @@ class GradientCapture(Callback):
         self._finish()
 
     def _finish(self) -> None:
-        self._remove_hooks()
+        self._close_recording()
         self._active = False
         try:
             self._emit()
@@ -565,160 +598,81 @@ class GradientCapture(Callback):
         self._resume_inrun = state_dict.get("inrun")
 
     # -- the hot path -------------------------------------------------------------------------------------
-    def _add_hooks(self) -> None:
-        self._handles = [lay.module.register_forward_hook(self._make_forward_hook(lay)) for lay in self._layers]
+    def _close_recording(self) -> None:
+        rec, self._recording = self._recording, None
+        if rec is not None:
+            rec.__exit__(None, None, None)
 
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _make_forward_hook(self, lay: _Layer) -> Callable:
-        i, has_bias, mod = lay.index, lay.plan.has_bias, lay.module
-        if lay.plan.kind == "conv2d":  # P_in^T [patch; 1] at every output position is a convolution
-            padding = 0 if mod.padding == "valid" else mod.padding
-            stride, dilation = mod.stride, mod.dilation
-
-            def conv_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-                if not self._active or not output.requires_grad:
-                    return
-                a = inputs[0].detach()
-                if self._n is None:
-                    self._begin(a)
-                weight, bias = self._f[i][0], self._f[i][1]
-                lay.calls += 1
-                with self._no_autocast:  # projected in float32 (or float64), also inside an AMP forward
-                    a_proj = F.conv2d(a.to(weight.dtype), weight, bias, stride, padding, dilation).flatten(2)  # (B, k_in, T)
-                output.register_hook(partial(lay.grad_hook, a_proj))
-            return conv_hook
-
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not self._active or not output.requires_grad:
-                return
-            a = inputs[0].detach()
-            if self._n is None:
-                self._begin(a)
-            if a.dim() != 2:
-                a = a.reshape(a.shape[0], -1, a.shape[-1])       # (B, T, d_in)
-                if a.shape[1] == 1:
-                    a = a[:, 0]
-            if a.dtype != self._dtype:
-                a = a.to(self._dtype)
-            in_w, in_b = self._f[i][0], self._f[i][1]
-            lay.calls += 1
-            with self._no_autocast:
-                if a.dim() == 2 and lay.calls == 1:   # one position: keep P_in^T a in the chunk, expand later
-                    lay.vec = True
-                    a_proj = self._chunk.a[i][self._r0:self._r0 + a.shape[0]]
-                    if in_w is None:
-                        a_proj[:, :a.shape[1]].copy_(a)
-                    elif in_b is None:
-                        torch.mm(a, in_w, out=a_proj)
-                    else:
-                        torch.addmm(in_b, a, in_w, out=a_proj)
-                elif in_w is None:
-                    a_proj = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if has_bias else a
-                elif in_b is None:
-                    a_proj = a @ in_w
-                else:
-                    a_proj = (a @ in_w).add_(in_b)
-            output.register_hook(partial(lay.grad_hook, a_proj))  # this call's input (a layer may run twice)
-        return hook
-
-    def _make_grad_hook(self, lay: _Layer) -> Callable:
-        i, conv, start, dim = lay.index, lay.plan.kind == "conv2d", lay.start, lay.plan.dim
-
-        def hook(a: torch.Tensor, g: torch.Tensor) -> None:
-            if not self._active:
-                return
-            d = g.detach()
-            if d.dtype != a.dtype:
-                d = d.to(a.dtype)
-            out_m, post = self._f[i][2], self._f[i][3]
-            n, r0 = d.shape[0], self._r0
-            if conv:                                      # d (B, C_out, T), a (B, k_in, T): sum over positions
-                d = d.flatten(2)
-                if out_m is not None:
-                    d = torch.matmul(out_m, d)              # out_m is P_out^T here: (B, k_out, T)
-                blk = torch.bmm(d, a.transpose(1, 2))
+    def _on_terms(self, layer: Layer, terms: list[Term]) -> None:
+        """The engine's on_grad: one layer call's per-example terms from the step's backward -> its feature rows."""
+        if not self._active:
+            return
+        lay = self._by_name.get(layer.name)
+        if lay is None:
+            return
+        n = int(terms[0].a.shape[0])
+        if self._n is None:
+            self._begin(n, terms[0].a)
+        elif n != self._n:
+            raise ValueError(f"GradientCapture: layer {layer.name!r} saw {n} examples in a batch of {self._n}: "
+                             "its per-example gradient cannot be read; exclude it with params=")
+        dtype, r0 = self._dtype, self._r0
+        if any(t.a.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
+            terms = [t.to(dtype) for t in terms]
+        with self._no_autocast:
+            t = terms[0]
+            if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.a.shape[1] == 1:
+                self._store_sides(lay, t.d[:, 0], t.a[:, 0], r0, n)
             else:
-                if a.dim() == 3:
-                    d = d.reshape(n, -1, d.shape[-1])
-                elif d.dim() != 2:
-                    d = d.reshape(n, d.shape[-1])
-                if lay.vec and lay.calls == 1:          # rank one: keep P_out^T delta next to P_in^T a
-                    dst = self._chunk.d[i][r0:r0 + n]
-                    if out_m is not None:
-                        torch.mm(d, out_m, out=dst)
-                    elif post != 1.0:
-                        torch.mul(d, post, out=dst)
-                    else:
-                        dst.copy_(d)
-                    lay.fired += 1
-                    return
-                if out_m is not None:
-                    d = d @ out_m
-                elif post != 1.0:
-                    d = d * post
-                blk = (d[:, :, None] * a[:, None, :]) if a.dim() == 2 else torch.bmm(d.transpose(1, 2), a)
-            view = self._chunk.features[r0:r0 + n, start:start + dim]  # positions, or a layer called again: summed
-            blk = blk.reshape(n, -1)[:, :dim]
-            view.add_(blk) if lay.fired else view.copy_(blk)
-            lay.fired += 1
-        return hook
+                feats = self._chunk.features[r0:r0 + n]
+                if lay.vec:   # a rank-one layer called again: its stored first call goes into the rows now
+                    ch, i = self._chunk, lay.index
+                    self._sides.add(lay, feats, ch.d[i][r0:r0 + n], ch.a[i][r0:r0 + n])
+                    lay.vec = False
+                scaled = [Term(t.a * self._scale, t.d, t.index, t.row0) for t in terms]
+                self.projector._combine(feats, [(lay.plan, scaled)], self._offsets)
+        lay.fired += 1
 
-    def _begin(self, a: torch.Tensor) -> None:
-        """First hooked layer of a captured batch: reserve rows, pick the factors with this batch's scale."""
-        n = int(a.shape[0])
-        scale = self._base_scale * (n if self.reduction == "mean" else 1)
+    def _store_sides(self, lay: _Layer, d: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
+        """Rank-one layer: keep its two sides in the chunk (features formed per chunk, `_Sides.add`)."""
+        plan, i = lay.plan, lay.index
+        d_dst, a_dst = self._chunk.d[i][r0:r0 + n], self._chunk.a[i][r0:r0 + n]
+        if self._sides.tensor:
+            torch.mul(d, self._scale, out=d_dst)
+            a_dst.copy_(a)
+        else:
+            p_out, p_in = self._factors[i]
+            if p_out is None:
+                torch.mul(d, plan.scale * self._scale, out=d_dst)
+            else:   # P_out with plan.scale * the batch's loss scale folded in
+                torch.mm(d, p_out, out=d_dst)
+            if p_in is None:
+                a_dst.copy_(a)
+            else:
+                torch.mm(a, p_in, out=a_dst)
+        lay.vec = True
+
+    def _scaled_factors(self, plan: LayerPlan, scale: float, dtype: torch.dtype, device: torch.device) -> tuple:
+        p_out = self.projector.factor(plan, "out", dtype, device)
+        return (None if p_out is None else p_out * (plan.scale * scale),
+                self.projector.factor(plan, "in", dtype, device))
+
+    def _begin(self, n: int, a: torch.Tensor) -> None:
+        """First layer of a captured batch's backward: reserve (and zero) rows, set this batch's loss scale."""
+        self._scale = self._base_scale * (n if self.reduction == "mean" else 1)
         dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-        key = (scale, dtype, a.device)
-        if key != self._scale:
-            if key not in self._factors:
-                self._factors[key] = self._scaled_factors(scale, dtype, a.device)
-            self._f, self._scale, self._dtype = self._factors[key], key, dtype
         ch = self._chunk
         if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != a.device:
             self._emit()
             self._next_buffer(max(self.chunk_size, n), dtype, a.device)
+        key = (self._scale, dtype, a.device)
+        if key != self._factor_key and not self._sides.tensor:   # Kronecker: (P_out * scale, P_in) per layer
+            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, a.device) for lay in self._layers]
+        self._factor_key = key
+        self._no_autocast = _no_autocast(a.device)
+        self._dtype = dtype
         self._r0 = self._chunk.rows
         self._n = n
-        self._no_autocast = _no_autocast(a.device)
-
-    def _scaled_factors(self, scale: float, dtype: torch.dtype, device: torch.device) -> list[tuple]:
-        """Per layer (in_w, in_b, out_m, post): the factors with layer.scale * `scale` folded into one side.
-
-        Linear: in_w (d_in, k_in) and in_b (k_in,) split off the bias row of P_in (None for an identity side);
-        out_m = P_out; `post` multiplies the delta when both sides are identities. Conv2d: in_w, in_b are
-        the weight (k_in, C_in, kh, kw) and bias of the convolution that computes P_in^T [patch; 1]
-        (an identity P_in included, so that the convolution also does the unfolding), out_m = P_out^T.
-        """
-        out = []
-        for lay in self._layers:
-            plan, s = lay.plan, lay.plan.scale * scale
-            p_in = self.projector.factor(plan, "in", dtype, device)
-            p_out = self.projector.factor(plan, "out", dtype, device)
-            in_w = in_b = None
-            post = 1.0
-            if plan.kind == "conv2d":
-                if p_in is None:
-                    p_in = torch.eye(plan.d_in, dtype=dtype, device=device)
-                p_in = p_in * s
-                w = p_in[:-1] if plan.has_bias else p_in
-                mod = lay.module
-                in_w = w.T.reshape(plan.k_in, mod.in_channels, *mod.kernel_size).contiguous()
-                in_b = p_in[-1].contiguous() if plan.has_bias else None
-                out.append((in_w, in_b, p_out.T.contiguous() if p_out is not None else None, 1.0))
-                continue
-            if p_in is not None:
-                p_in = p_in * s
-                in_w, in_b = (p_in[:-1].contiguous(), p_in[-1].contiguous()) if plan.has_bias else (p_in, None)
-            elif p_out is not None:
-                p_out = p_out * s
-            else:
-                post = s
-            out.append((in_w, in_b, p_out, post))
-        return out
 
     # -- chunks ------------------------------------------------------------------------------------------
     def _next_buffer(self, cap: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -750,23 +704,24 @@ class GradientCapture(Callback):
             score = partial(self._inrun.add, meta=meta, queries=queries)
         if self.out_dir is None:
             if cpu:
-                ch.future = self._writer.submit(_expand_and_score, ch, self._layers, score)
+                ch.future = self._writer.submit(_expand_and_score, ch, self._sides, score)
                 self._kept.append(ch)
             else:
-                feats = ch.expand(self._layers)
+                feats = ch.expand(self._sides)
                 if score is not None:
                     score(feats)
                 self._kept.append((feats.cpu(), ch.row_meta()))
+                feats.zero_()
                 self._spare = ch
             return
         index = self._next_chunk
         self._next_chunk += 1
         meta = ch.row_meta()
         if cpu:
-            ch.future = self._writer.submit(_expand_and_write, ch, self._layers, self.rank_dir, index, meta, score)
+            ch.future = self._writer.submit(_expand_and_write, ch, self._sides, self.rank_dir, index, meta, score)
             self._spare = ch
             return
-        feats = ch.expand(self._layers)
+        feats = ch.expand(self._sides)
         if score is not None:
             score(feats)
         cur = self._cur
@@ -780,6 +735,7 @@ class GradientCapture(Callback):
         event = torch.cuda.Event()
         event.record()
         self._host_futures[cur] = self._writer.submit(write_chunk, self.rank_dir, index, host, meta, event)
+        feats.zero_()   # queued after the copy on the same stream
         self._cur = cur ^ 1
         self._spare = ch   # later kernels on the same stream run after the copy: safe to refill
 
@@ -810,7 +766,7 @@ class GradientCapture(Callback):
             chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, _Chunk) else c for c in self._kept]
             ch = self._chunk
             if ch is not None and ch.rows:   # rows not emitted yet (records read during fit)
-                chunks.append((ch.expand(self._layers).clone(), ch.row_meta()))
+                chunks.append((ch.expand(self._sides, out=ch.features[:ch.rows].clone()), ch.row_meta()))
         else:
             self._wait()
             chunks = [(torch.from_numpy(np.array(c["features"])), c) for c in read_capture(self.out_dir)
@@ -827,17 +783,18 @@ class GradientCapture(Callback):
         return out
 
 
-def _expand_and_write(chunk: _Chunk, layers: list[_Layer], rank_dir: Path, index: int, meta: dict,
+def _expand_and_write(chunk: _Chunk, layers: _Sides, rank_dir: Path, index: int, meta: dict,
                       score: Callable | None = None) -> None:
-    """Writer thread, CPU: expand the factored rows, score them against the queries (if any), write the chunk."""
+    """Writer thread, CPU: form the stored rank-one rows' features, score them against the queries (if any), write the chunk."""
     feats = chunk.expand(layers)
     if score is not None:
         score(feats)
     write_chunk(rank_dir, index, feats, meta, None)
+    feats.zero_()   # the buffer is reused: its rows start at zero
 
 
-def _expand_and_score(chunk: _Chunk, layers: list[_Layer], score: Callable | None) -> torch.Tensor:
-    """Writer thread, CPU, in memory: expand the factored rows (releasing the factors), score them if asked."""
+def _expand_and_score(chunk: _Chunk, layers: _Sides, score: Callable | None) -> torch.Tensor:
+    """Writer thread, CPU, in memory: form the stored rank-one rows' features (then release the sides), score them."""
     feats = chunk.expand(layers, True)
     if score is not None:
         score(feats)
@@ -876,12 +833,12 @@ class _QueryPass:
     """The queries' projected loss gradients at the module's current weights (eval mode), with the capture's own
     projection (the same matrices, so phi_t(z_i) . psi_t(z_q) is the projected TracIn term)."""
 
-    def __init__(self, capture_projector: FactorizedProjector, module: nn.Module, dataset: Dataset,
+    def __init__(self, capture_projector: HookedProjector, module: nn.Module, dataset: Dataset,
                  collate_fn: Callable | None, batch_size: int, device: torch.device):
         lay = capture_projector.layout
-        self.projector = FactorizedProjector(module, resolve_output("loss"), capture_projector.param_names,
-                                             proj_dim=lay["requested_dim"], seed=lay["seed"],
-                                             allocation=lay["allocation"], kind=lay["kind"])
+        self.projector = make_capture_projector(projector_kind(capture_projector), module, resolve_output("loss"),
+                                                capture_projector.param_names, lay["requested_dim"], lay["seed"],
+                                                lay["allocation"], lay["kind"])
         if self.projector.layout_hash != capture_projector.layout_hash:
             raise RuntimeError("GradientCapture: the query projector's layout differs from the capture's")
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
@@ -933,7 +890,8 @@ def captured_tracin(trainer: L.Trainer, pl_module: L.LightningModule, method: An
             weight = torch.from_numpy(seen[missing] * cap.last_lr).double()
             scores[missing] = (weight[:, None] * (phi @ psi.T)).numpy()
             self_inf[missing] = (weight * phi.pow(2).sum(1)).numpy()
-        manifest = {**res.manifest, "train_features": "GradientCapture: captured during training (in-run TracIn)",
+        manifest = {**res.manifest, "excluded": {"train": [], "query": []},   # every example scored below
+                    "train_features": "GradientCapture: captured during training (in-run TracIn)",
                     "post_hoc_examples": int(len(missing)), "never_trained_on": int((seen == 0).sum()),
                     "variant": "in-run TracIn from GradientCapture; examples never in a captured batch featurized post "
                                "hoc at the final weights, scaled by how often they were trained on x the last lr"}

@@ -7,7 +7,9 @@
                                           presence means the chunk is complete
 
 The writer (`write_chunk`) and the readers live here together so the format has one place; the callback
-(`callbacks/gradient_capture.py`) only fills chunks during training.
+(`callbacks/gradient_capture.py`) only fills chunks during training. `make_capture_projector` is the one rule for
+which projector (and which layers: `capture_accept`) a capture uses, shared by the callback, its query pass and
+`capture_projector`, so their layout hashes agree.
 """
 from __future__ import annotations
 
@@ -23,10 +25,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from .factorized import FactorizedProjector
+from .layers import Layer
 from .outputs import OutputFunction, resolve_output
+from .sketch import HookedProjector, KroneckerProjector, TensorSketchProjector
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: every engine layer captured, `projector` recorded (1: Linear/Conv2d, Kronecker only)
+CAPTURE_PROJECTORS = ("tensorsketch", "factorized")   # GradientCapture(projector=...); "factorized" = Kronecker
+_SKETCH_TO_KIND = {"tensor": "tensorsketch", "kronecker": "factorized"}
+
+
+def capture_accept(layer: Layer) -> bool:
+    """Layers whose per-example gradient can be read inside a training step: every engine kind except BatchNorm,
+    which normalizes with batch statistics in train mode (its parameters are listed as skipped)."""
+    return not (layer.kind == "norm" and isinstance(layer.module, nn.modules.batchnorm._BatchNorm))
+
+
+def make_capture_projector(projector: str, module: nn.Module, output_fn: Callable | None, param_names: list[str] | None,
+                           proj_dim: int, seed: int, allocation: str = "equal", kind: str = "rademacher"
+                           ) -> HookedProjector:
+    """The projector of a capture: `TensorSketchProjector` ("tensorsketch") or `KroneckerProjector` ("factorized"),
+    over the engine's layers that `capture_accept` keeps."""
+    if projector == "tensorsketch":
+        return TensorSketchProjector(module, output_fn, param_names, proj_dim, seed, None, capture_accept, kind)
+    if projector in ("factorized", "kronecker"):
+        return KroneckerProjector(module, output_fn, param_names, proj_dim, seed, allocation, kind, None,
+                                  capture_accept)
+    raise ValueError(f"projector must be one of {CAPTURE_PROJECTORS}, got {projector!r}")
+
+
+def projector_kind(proj: HookedProjector) -> str:
+    """"tensorsketch" | "factorized": the `projector=` name of a capture projector (from its layout)."""
+    return _SKETCH_TO_KIND[proj.layout["sketch"]]
 META_FIELDS = (("step", np.int64), ("epoch", np.int64), ("batch_idx", np.int64), ("lr", np.float64), ("ids", np.int64))
 
 
@@ -96,18 +125,18 @@ def read_capture(capture_dir: str | os.PathLike, mmap: bool = True) -> Iterator[
 
 
 def capture_projector(capture_dir: str | os.PathLike, module: nn.Module,
-                      output: str | OutputFunction | Callable = "loss") -> FactorizedProjector:
-    """A `FactorizedProjector` on `module` with the capture's matrices, for query features at any weights.
+                      output: str | OutputFunction | Callable = "loss") -> HookedProjector:
+    """The capture's projector (tensor sketch or Kronecker) on `module`, for query features at any weights.
 
     `module` must be the LightningModule class that was trained (the layer names seed the matrices); the
     layout is checked against the capture's.
     """
     s = load_capture_settings(capture_dir)
     lay = s["layout"]
-    proj = FactorizedProjector(module, resolve_output(output), s["param_names"], proj_dim=lay["requested_dim"],
-                               seed=lay["seed"], allocation=lay["allocation"], kind=lay["kind"])
+    proj = make_capture_projector(_SKETCH_TO_KIND[lay.get("sketch", "kronecker")], module, resolve_output(output),
+                                  s["param_names"], lay["requested_dim"], lay["seed"], lay["allocation"], lay["kind"])
     if proj.layout_hash != s["layout_hash"]:
-        raise ValueError(f"capture_projector: this module's factorized layout differs from the capture's in {capture_dir} "
+        raise ValueError(f"capture_projector: this module's projector layout differs from the capture's in {capture_dir} "
                          "(another model class or layer sizes?)")
     return proj
 

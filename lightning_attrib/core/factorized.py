@@ -1,8 +1,9 @@
 """Compatibility names for the hook-based projectors, now in `core/sketch.py` on the layer engine (`core/layers.py`).
 
 `FactorizedProjector(..., sketch="kronecker" | "tensor")` builds a `KroneckerProjector` / `TensorSketchProjector`
-restricted to the layers the in-training `GradientCapture` hot path knows (nn.Linear and nn.Conv2d with zeros
-padding): everything else stays in the dense fallback, as before the engine. New code: `sketch.make_projector`.
+restricted to the layers the pre-engine hooks knew (nn.Linear and nn.Conv2d with zeros padding): everything else stays
+in the dense fallback, as before the engine. Kept for old tests and benchmarks; new code: `sketch.make_projector`
+(`GradientCapture` uses `core.capture.make_capture_projector`, every engine layer but BatchNorm).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ __all__ = ["ALLOCATIONS", "FACTOR_KINDS", "SKETCHES", "FactorizedProjector", "La
 
 
 def capture_layers(layer: Layer) -> bool:
-    """The layers GradientCapture's own hooks handle: exactly nn.Linear, and nn.Conv2d (groups=1) with zeros padding
+    """The layers the pre-engine hooks handled: exactly nn.Linear, and nn.Conv2d (groups=1) with zeros padding
     given as numbers or "valid"."""
     m = layer.module
     if layer.kind == "linear":

@@ -261,7 +261,7 @@ class ConvKind(LayerKind):
 
     @staticmethod
     def record(layer, m, x):
-        """The unfolded input patches (B, positions, C_in * prod(kernel)), padded once like the layer pads."""
+        """The unfolded input patches (B, C_in * prod(kernel), positions), padded once like the layer pads."""
         x = x.detach()
         pad = m._reversed_padding_repeated_twice
         if any(pad):
@@ -271,11 +271,14 @@ class ConvKind(LayerKind):
             kernel, dil, stride = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
         else:
             kernel, dil, stride = m.kernel_size, m.dilation, m.stride
-        return F.unfold(x, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
+        return F.unfold(x, kernel, dilation=dil, padding=0, stride=stride)
 
     @staticmethod
     def terms(layer, saved, delta):
-        return [Term(_with_ones(saved, layer.has_bias), delta.flatten(2).transpose(1, 2))]
+        # the bias row of ones appended along the contiguous channel dim, then a transposed view (B, positions, d_in):
+        # ~10x cheaper than concatenating along the last dim of a transposed tensor (GradientCapture's hot path)
+        a = torch.cat([saved, saved.new_ones(saved.shape[0], 1, saved.shape[2])], 1) if layer.has_bias else saved
+        return [Term(a.transpose(1, 2), delta.flatten(2).transpose(1, 2))]
 
 
 class EmbeddingKind(LayerKind):

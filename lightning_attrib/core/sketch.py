@@ -393,10 +393,25 @@ class TensorSketchProjector(HookedProjector):
         fft = positions * (layer.d_in + layer.d_out + 2 * s_log_s) + s_log_s
         return (positions + 4) * layer.d_out * layer.d_in <= fft
 
+    def _scatter_one_hot(self, layer: LayerPlan, term: Term) -> torch.Tensor:
+        """(B, s) sketch of sum_t e_{index_t} A_t^T: the circular convolution of a one-hot row's signed bucket with
+        C_in A_t is C_in A_t shifted by h_out(index_t), so it is one scatter of B * T * d_in values (no FFT)."""
+        b_out, s_out = self._side(layer, "out", term.a.dtype, term.a.device)
+        b_in, s_in = self._side(layer, "in", term.a.dtype, term.a.device)
+        idx = term.index.clamp_min(0)
+        sign = s_out[idx] * (term.index >= 0).to(s_out.dtype)                       # (B, T)
+        buckets = (b_out[idx][..., None] + b_in) % layer.dim                         # (B, T, d_in)
+        vals = term.a * sign[..., None] * s_in
+        n = term.a.shape[0]
+        return vals.new_zeros(n, layer.dim).scatter_add_(1, buckets.reshape(n, -1), vals.reshape(n, -1))
+
     def _combine(self, feats, records, offsets):
         spectrum = None   # FFT-path layers: spectra add up, one inverse FFT at the end
         for layer, terms in records:
             for term in terms:
+                if term.index is not None:   # one-hot rows (embeddings): their sketch is one signed bucket
+                    feats += self._scatter_one_hot(layer, term).float()
+                    continue
                 if type(self)._via_gradient(layer, term.a.shape[1]):
                     g = term.gradient(layer.d_out).reshape(term.a.shape[0], -1)
                     buckets, signs = self._pair_hash(layer, g.dtype, g.device)
