@@ -13,7 +13,6 @@ import tempfile
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.testing import train_mlp

@@ -10,8 +10,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor, PerExampleGradients
 from lightning_attrib.core.batches import BatchFormatError
-from lightning_attrib.core.tasks import (CustomOutput, Logistic, MultiClass, Regression, TaskConfigError, TaskOutput,
-                                         TokenSequence, detect_task, model_prediction, read_batch, resolve_output)
+from lightning_attrib.core.tasks import (CustomOutput, Logistic, MultiClass, Regression, TaskConfigError, TokenSequence, detect_task, model_prediction, read_batch, resolve_output)
 
 torch.manual_seed(0)
 B = 5

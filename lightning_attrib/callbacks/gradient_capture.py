@@ -76,6 +76,7 @@ from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, Bat
                             chunk_features_path, make_capture_projector, projector_kind, read_capture, runs,
                             write_chunk)
 from ..core.gradients import select_parameters
+from ..core.io import atomic_write_json
 from ..core.layers import SUPPORTED, Layer, Term
 from ..core.outputs import resolve_output
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
@@ -323,9 +324,7 @@ class GradientCapture(Callback):
                         f"(proj_dim, seed, allocation or layers differ). Use a new out_dir or delete that one."
                     )
             if trainer.is_global_zero:
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(settings, indent=2))
-                os.replace(tmp, path)
+                atomic_write_json(path, settings)
 
     def _build_projector(self, pl_module: L.LightningModule) -> None:
         """The capture projector over the engine's layers (BatchNorm vetoed); what it cannot hook is skipped
@@ -544,7 +543,6 @@ class GradientCapture(Callback):
                 "never_captured": int(never.sum()), "lr": "recorded at every captured step",
                 "excluded": {"train": np.flatnonzero(never.cpu().numpy()).tolist(), "query": []},   # NaN self-influence
                 "world_size": trainer.world_size, "constant_self_influence": False, "self_influence_computed": True,
-                "excluded": {"train": never.nonzero().flatten().tolist(), "query": []},  # no captured step: no score
                 "params": self.param_names if len(self.param_names) <= 64 else f"{len(self.param_names)} tensors",
                 "sign": "positive = the training example helps the query (lowers its loss)",
             }

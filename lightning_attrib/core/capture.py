@@ -13,6 +13,7 @@ which projector (and which layers: `capture_accept`) a capture uses, shared by t
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .io import atomic_save_npy, atomic_write_bytes
 from .layers import Layer
 from .outputs import OutputFunction, resolve_output
 from .sketch import HookedProjector, KroneckerProjector, TensorSketchProjector
@@ -68,14 +70,10 @@ def write_chunk(rank_dir: Path, index: int, features: torch.Tensor, meta: dict, 
     if event is not None:
         event.synchronize()
     name = f"chunk-{index:06d}"
-    tmp = rank_dir / f"{name}.npy.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, features.numpy())
-    os.replace(tmp, rank_dir / f"{name}.npy")
-    tmp = rank_dir / f"{name}.meta.npz.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **meta)
-    os.replace(tmp, rank_dir / f"{name}.meta.npz")
+    atomic_save_npy(rank_dir / f"{name}.npy", features.numpy())
+    buf = io.BytesIO()
+    np.savez(buf, **meta)
+    atomic_write_bytes(rank_dir / f"{name}.meta.npz", buf.getvalue())
 
 
 def runs(*keys: np.ndarray) -> Iterator[tuple[int, int]]:
