@@ -839,7 +839,10 @@ class _QueryPass:
                                                 lay["allocation"], lay["kind"])
         if self.projector.layout_hash != capture_projector.layout_hash:
             raise RuntimeError("GradientCapture: the query projector's layout differs from the capture's")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        # its own generator: iterating a DataLoader draws a base seed from the generator it is given, and the global
+        # one would shift the training loader's shuffling (the fit would not be the fit without the capture)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                            generator=torch.Generator())
         self.batches = [move_to(b, device) for b in loader]   # queries are few: collated and moved once
         self.n = len(dataset)
         self.bytes_per_step = self.n * capture_projector.proj_dim * 4
