@@ -22,7 +22,9 @@ from ..core.projection import PROJECTOR_KINDS
 from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
-from .gradient_capture import GradientCapture, captured_tracin
+from .loaders import first_loader, loader_of
+from .gradient_capture import GradientCapture
+from .in_run import captured_tracin
 
 
 class AttributionCallback(Callback):
@@ -231,9 +233,9 @@ class AttributionCallback(Callback):
         return hook(split) if callable(hook) else None
 
     def _train_data(self, trainer: L.Trainer) -> tuple[Dataset, Callable | None]:
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         if loader is None:
-            loader = _loader_of(trainer.fit_loop)
+            loader = loader_of(trainer.fit_loop)
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
         fit_collate = getattr(loader, "collate_fn", None)
@@ -245,17 +247,17 @@ class AttributionCallback(Callback):
         return loader.dataset, self.collate_fn or fit_collate
 
     def _query_data(self, trainer: L.Trainer) -> tuple[Dataset, Callable | None]:
-        loader = _first_loader(trainer.val_dataloaders)
+        loader = first_loader(trainer.val_dataloaders)
         if loader is None:
-            loader = _first_loader(_loader_of(getattr(trainer.fit_loop.epoch_loop, "val_loop", None)))
+            loader = first_loader(loader_of(getattr(trainer.fit_loop.epoch_loop, "val_loop", None)))
         if loader is None and trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
             try:
-                loader = _first_loader(trainer.datamodule.val_dataloader())
+                loader = first_loader(trainer.datamodule.val_dataloader())
             except NotImplementedError:
                 loader = None
         collate = getattr(loader, "collate_fn", None)
         if loader is None:  # no validation loader: queries collate like the training data
-            collate = getattr(_first_loader(trainer.train_dataloader) or _loader_of(trainer.fit_loop), "collate_fn", None)
+            collate = getattr(first_loader(trainer.train_dataloader) or loader_of(trainer.fit_loop), "collate_fn", None)
         view = self.query_dataset if self.query_dataset is not None else self._datamodule_view(trainer, "query")
         if view is not None:
             return view, self.collate_fn or collate
@@ -334,27 +336,6 @@ class AttributionCallback(Callback):
         if state_dict.get("out_dir") and Path(state_dict["out_dir"]) != self.out_dir:
             rank_zero_info(f"[lightning-attrib] resumed run wrote attribution to {state_dict['out_dir']}; "
                            f"this one writes to {self.out_dir}")
-
-
-def _loader_of(loop: Any):
-    """The dataloader a fit/validation loop would load (before Lightning has loaded it), or None."""
-    source = getattr(loop, "_data_source", None)
-    if source is None or not source.is_defined():
-        return None
-    try:
-        return _first_loader(source.dataloader())
-    except Exception:
-        return None
-
-
-def _first_loader(loaders: Any):
-    if loaders is None:
-        return None
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders
 
 
 class _ProgressBars:

@@ -46,7 +46,7 @@ The snapshots are what the query side needs: weights at every captured step. Whe
 training (`query_dataset`, by default the validation set), their features are computed inside the run at every
 captured step and the scores accumulate during training instead: no snapshots, no ids_fn (the batch sampler's
 indices are recorded), a standard result at the end of fit (`result`, `load_results(result_dir)`), and
-`AttributionCallback(method="tracin")` on the same Trainer takes it as its result (`captured_tracin`).
+`AttributionCallback(method="tracin")` on the same Trainer takes it as its result (`callbacks/in_run.captured_tracin`).
 
 Limitations: parameters the engine does not hook (and BatchNorm's) cannot be captured this way; with `params=None`
 they are left out (listed in `skipped_params`), an explicit `params` selection that includes them is refused. A layer
@@ -67,18 +67,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..core.batches import move_to
 from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, BatchIndexRecorder, InRunScores,
-                            chunk_features_path, make_capture_projector, projector_kind, read_capture, runs,
-                            write_chunk)
+                            QueryFeatures, chunk_features_path, make_capture_projector,
+                            projector_kind, read_capture, runs, write_chunk)
 from ..core.gradients import select_parameters
 from ..core.io import atomic_write_json
 from ..core.layers import SUPPORTED, Layer, Term
-from ..core.outputs import resolve_output
+from .loaders import first_loader
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
 PENDING_QUERY_BYTES = 256 << 20    # query features of captured steps not yet scored: a chunk is emitted beyond this
@@ -255,7 +253,7 @@ class GradientCapture(Callback):
         self.query_dataset, self.query_batch_size = query_dataset, query_batch_size
         self.result_dir = Path(result_dir) if result_dir is not None else None
         self.result = None
-        self._queries: _QueryPass | None = None
+        self._queries: QueryFeatures | None = None
         self._inrun: InRunScores | None = None
         self._recorder: BatchIndexRecorder | None = None
         self._n_train: int | None = None
@@ -380,17 +378,17 @@ class GradientCapture(Callback):
 
     def _setup_ids_and_queries(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the training batches' dataset indices (no `ids_fn`), and prepare the query pass (`query_dataset`)."""
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         dataset = getattr(loader, "dataset", None)
         self._n_train = len(dataset) if hasattr(dataset, "__len__") else None
         self._recorder = BatchIndexRecorder.installed(loader) if self.ids_fn is None else None
         queries, collate = self.query_dataset, None
         if queries == "val":
-            val = _first_loader(trainer.val_dataloaders)
+            val = first_loader(trainer.val_dataloaders)
             source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
             if val is None and source is not None and source.is_defined():   # not set up yet (no sanity check)
                 requested = source.dataloader()
-                val = _first_loader(getattr(requested, "iterables", requested))
+                val = first_loader(getattr(requested, "iterables", requested))
             queries, collate = (val.dataset, val.collate_fn) if val is not None and hasattr(val, "dataset") else (None, None)
         self._queries = self._inrun = None
         if queries is None:
@@ -407,7 +405,7 @@ class GradientCapture(Callback):
                              f"{need / 2**30:.1f} GiB; pass a smaller query_dataset, or query_dataset=None to capture "
                              "features only")
         device = pl_module.device
-        self._queries = _QueryPass(self.projector, pl_module, queries, collate, self.query_batch_size, device)
+        self._queries = QueryFeatures(self.projector, pl_module, queries, collate, self.query_batch_size, device)
         self._inrun = InRunScores(self._n_train, len(queries), device)
         self.query_source = queries
         saved, self._resume_inrun = self._resume_inrun, None
@@ -810,93 +808,10 @@ def record_train_batch_indices(trainer: L.Trainer) -> None:
 
     def dataloader():
         loaders = request()
-        first = _first_loader(getattr(loaders, "iterables", loaders))
+        first = first_loader(getattr(loaders, "iterables", loaders))
         if first is not None and BatchIndexRecorder.installed(first) is None:
             BatchIndexRecorder().install(first)
         return loaders
 
     source.dataloader = dataloader
     source._attrib_recording = True
-
-
-def _first_loader(loaders: Any):
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders
-
-
-class _QueryPass:
-    """The queries' projected loss gradients at the module's current weights (eval mode), with the capture's own
-    projection (the same matrices, so phi_t(z_i) . psi_t(z_q) is the projected TracIn term)."""
-
-    def __init__(self, capture_projector: HookedProjector, module: nn.Module, dataset: Dataset,
-                 collate_fn: Callable | None, batch_size: int, device: torch.device):
-        lay = capture_projector.layout
-        self.projector = make_capture_projector(projector_kind(capture_projector), module, resolve_output("loss"),
-                                                capture_projector.param_names, lay["requested_dim"], lay["seed"],
-                                                lay["allocation"], lay["kind"])
-        if self.projector.layout_hash != capture_projector.layout_hash:
-            raise RuntimeError("GradientCapture: the query projector's layout differs from the capture's")
-        # its own generator: iterating a DataLoader draws a base seed from the generator it is given, and the global
-        # one would shift the training loader's shuffling (the fit would not be the fit without the capture)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                            generator=torch.Generator())
-        self.batches = [move_to(b, device) for b in loader]   # queries are few: collated and moved once
-        self.n = len(dataset)
-        self.bytes_per_step = self.n * capture_projector.proj_dim * 4
-
-    def features(self) -> torch.Tensor:
-        feats = torch.cat([self.projector.features(b) for b in self.batches])
-        if feats.shape[0] != self.n:
-            raise ValueError(f"GradientCapture: the query loader gave {feats.shape[0]} examples for a query_dataset "
-                             f"of {self.n}: its __len__ and its items disagree")
-        return feats
-
-
-def captured_tracin(trainer: L.Trainer, pl_module: L.LightningModule, method: Any, train_dataset: Dataset,
-                    query_dataset: Dataset, out_dir: str | os.PathLike, train_collate: Callable | None = None,
-                    query_collate: Callable | None = None, batch_size: int = 64):
-    """TracIn for `AttributionCallback` from a `GradientCapture` on the same Trainer: the in-run scores it
-    accumulated during training (the training features come from the capture: no second pass, no snapshots),
-    written as the callback's standard result in `out_dir`. None when they do not apply (another method, a TracIn
-    with its own `lr`, no capture with queries, or other queries / training set): then the caller scores post hoc.
-
-    An example trained on but never in a captured batch (`every_n_steps` > 1) is featurized post hoc at the final
-    weights and scored as (times trained on) x last lr x phi(z_i) . psi(z_q), never left at 0; an example never
-    trained on scores 0 (it had no influence on this run)."""
-    if getattr(method, "name", None) != "tracin" or getattr(method, "lr", None) is not None:
-        return None
-    cap = next((c for c in trainer.callbacks if isinstance(c, GradientCapture) and c.result is not None), None)
-    if cap is None or cap.query_source is not query_dataset or cap.result.manifest["n_train"] != len(train_dataset):
-        return None
-    from ..core.results import load_results, write_result
-
-    out_dir = Path(out_dir)
-    if trainer.is_global_zero:
-        res = cap.result
-        scores = np.array(res.scores, dtype=np.float64)
-        self_inf = np.nan_to_num(np.array(res.self_influence, dtype=np.float64), nan=0.0)
-        seen, captured = cap.seen.numpy(), cap.captured_counts.numpy()
-        missing = np.flatnonzero((captured == 0) & (seen > 0))
-        if len(missing):
-            if cap.last_lr is None:
-                raise ValueError("GradientCapture recorded no learning rate: cannot score uncaptured examples")
-            device = pl_module.device
-            query = _QueryPass(cap.projector, pl_module, query_dataset, query_collate, batch_size, device)
-            train = _QueryPass(cap.projector, pl_module, torch.utils.data.Subset(train_dataset, missing.tolist()),
-                               train_collate, batch_size, device)
-            phi, psi = train.features().double().cpu(), query.features().double().cpu()
-            weight = torch.from_numpy(seen[missing] * cap.last_lr).double()
-            scores[missing] = (weight[:, None] * (phi @ psi.T)).numpy()
-            self_inf[missing] = (weight * phi.pow(2).sum(1)).numpy()
-        manifest = {**res.manifest, "excluded": {"train": [], "query": []},   # every example scored below
-                    "train_features": "GradientCapture: captured during training (in-run TracIn)",
-                    "post_hoc_examples": int(len(missing)), "never_trained_on": int((seen == 0).sum()),
-                    "variant": "in-run TracIn from GradientCapture; examples never in a captured batch featurized post "
-                               "hoc at the final weights, scaled by how often they were trained on x the last lr"}
-        write_result(out_dir, manifest=manifest, scores=scores, self_influence=self_inf,
-                     train_ids=res.train_ids, query_ids=res.query_ids)
-    trainer.strategy.barrier("captured_tracin")
-    return load_results(out_dir)

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from .batches import move_to
 from .io import atomic_save_npy, atomic_write_bytes
 from .layers import Layer
 from .outputs import OutputFunction, resolve_output
@@ -297,3 +299,31 @@ class BatchIndexRecorder:
 
     def pop(self) -> list[int] | None:
         return self.queue.pop(0) if self.queue else None
+
+
+class QueryFeatures:
+    """The queries' projected loss gradients at the module's current weights (eval mode), with the capture's own
+    projection (the same matrices, so phi_t(z_i) . psi_t(z_q) is the projected TracIn term)."""
+
+    def __init__(self, capture_proj: HookedProjector, module: nn.Module, dataset: Dataset,
+                 collate_fn: Callable | None, batch_size: int, device: torch.device):
+        lay = capture_proj.layout
+        self.projector = make_capture_projector(projector_kind(capture_proj), module, resolve_output("loss"),
+                                                capture_proj.param_names, lay["requested_dim"], lay["seed"],
+                                                lay["allocation"], lay["kind"])
+        if self.projector.layout_hash != capture_proj.layout_hash:
+            raise RuntimeError("GradientCapture: the query projector's layout differs from the capture's")
+        # its own generator: iterating a DataLoader draws a base seed from the generator it is given, and the global
+        # one would shift the training loader's shuffling (the fit would not be the fit without the capture)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                            generator=torch.Generator())
+        self.batches = [move_to(b, device) for b in loader]   # queries are few: collated and moved once
+        self.n = len(dataset)
+        self.bytes_per_step = self.n * capture_proj.proj_dim * 4
+
+    def features(self) -> torch.Tensor:
+        feats = torch.cat([self.projector.features(b) for b in self.batches])
+        if feats.shape[0] != self.n:
+            raise ValueError(f"GradientCapture: the query loader gave {feats.shape[0]} examples for a query_dataset "
+                             f"of {self.n}: its __len__ and its items disagree")
+        return feats
