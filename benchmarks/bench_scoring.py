@@ -132,8 +132,9 @@ def _fitted_attributor(a, **kw):
     from lightning_attrib.core import TRAK, Attributor
     from lightning_attrib.core.methods.base import SnapshotInfo, TrainStatistics
 
-    att = Attributor(nn.Linear(1, 1), TRAK(), TensorDataset(torch.zeros(a.n_train, 1)),
-                     TensorDataset(torch.zeros(a.n_query, 1)), Path(a.root) / "attr_out", shard_size=a.shard_size,
+    # a stand-in model and (x, y) data: the stores are synthetic, but the Attributor reads a batch to pick its task
+    data = [TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long)) for n in (a.n_train, a.n_query)]
+    att = Attributor(nn.Linear(1, 2), TRAK(), data[0], data[1], Path(a.root) / "attr_out", shard_size=a.shard_size,
                      query_chunk=a.query_chunk, **kw)
     g = torch.Generator().manual_seed(a.seed + 5)
     G = torch.randn(2048, a.k, generator=g)
@@ -155,6 +156,9 @@ def _reference_columns(a, method, q, queries: list[int]) -> torch.Tensor:
     return out * q[:, None]
 
 
+NOTHING_EXCLUDED = {"train": [], "query": []}   # no non-finite rows in synthetic features
+
+
 def w_scorer(a) -> dict:
     from lightning_attrib.core import Snapshot
 
@@ -162,9 +166,9 @@ def w_scorer(a) -> dict:
     store = open_store(Path(a.root), a.k, a.shard_size, False)
     snaps = [Snapshot(SNAP, state_dict={})]
     weights = method.train_weights()
-    timed = timed_with_peak(lambda: att._score_my_queries(store, snaps, weights), a.repeats)
+    timed = timed_with_peak(lambda: att._score_my_queries(store, snaps, weights, NOTHING_EXCLUDED), a.repeats)
     # numerical check of a few rows (after the peak was taken)
-    part = np.load(att._part_path(0), mmap_mode="r")
+    part = np.load(att._parts().scores_path(0), mmap_mode="r")
     rows = np.array([0, 1, a.n_train // 2, a.n_train - 1])
     Q = method.transform(0, query_features(a.seed, a.n_query, a.k).double())
     err = 0.0
@@ -183,8 +187,8 @@ def w_topk(a) -> dict:
     store = open_store(Path(a.root), a.k, a.shard_size, False)
     snaps = [Snapshot(SNAP, state_dict={})]
     weights = method.train_weights()
-    timed = timed_with_peak(lambda: att._score_my_queries(store, snaps, weights), a.repeats)
-    part = np.load(att._topk_part_path(0))
+    timed = timed_with_peak(lambda: att._score_my_queries(store, snaps, weights, NOTHING_EXCLUDED), a.repeats)
+    part = np.load(att._parts().topk_path(0))
     queries = [0, a.n_query // 2, a.n_query - 1]
     ref = _reference_columns(a, method, q, queries)
     same = total = 0

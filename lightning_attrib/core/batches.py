@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 INPUT_KEYS = ("image", "input", "inputs", "x", "pixel_values", "features")
@@ -39,21 +40,24 @@ def unpack_batch(batch: Any) -> tuple[Any, torch.Tensor]:
 
 def batch_size_of(batch: Any) -> int:
     """Number of examples in a batch (first dimension of its first tensor)."""
-    leaves = [t for t in _tensor_leaves(batch)]
+    leaves = [t for t in tensor_leaves(batch)]
     if not leaves:
         raise BatchFormatError("the batch holds no tensors; pass `output_fn=` and tensors in the batch")
     return int(leaves[0].shape[0])
 
 
-def _tensor_leaves(obj: Any):
+def tensor_leaves(obj: Any):
+    """Every tensor in a (nested) batch or dataset item, numpy arrays as tensors, in a fixed order."""
     if isinstance(obj, torch.Tensor):
         yield obj
+    elif isinstance(obj, np.ndarray):
+        yield torch.from_numpy(obj)
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            yield from _tensor_leaves(v)
+            yield from tensor_leaves(v)
     elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         for v in obj:
-            yield from _tensor_leaves(v)
+            yield from tensor_leaves(v)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,9 +39,9 @@ from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
 from .projection import HOOKED_KINDS, RandomProjector
-from .results import (TOPK_FILES, AttributionResult, ResultStaging, check_finite, load_results,
+from .results import (AttributionResult, ResultStaging, check_finite, load_results,
                       remove_stale_staging)
-from .scoring import FullScoresSink, TopKSink, prefetched
+from .scoring import RankParts, prefetched
 from .settings import FeatureSettings
 from .store import FeatureStore, ensure_writable_dir
 
@@ -212,7 +211,7 @@ class Attributor:
             try:
                 lock = OutDirLock(self.out_dir).acquire()
                 remove_stale_staging(self.out_dir)
-                shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
+                self._parts().remove()
             except OutDirLockedError as err:
                 error = err
         failed = self.dist.all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=self.dist.device))
@@ -508,10 +507,6 @@ class Attributor:
             out *= weights.to(device)
         return self.dist.all_reduce_sum(out).cpu().numpy()
 
-    def _query_block(self) -> tuple[int, int]:
-        bounds = self._query_bounds()
-        return int(bounds[self.dist.rank]), int(bounds[self.dist.rank + 1])
-
     def _read_rows(self, store: FeatureStore, snap: str, split: str, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of a split as float64, copying only those rows out of the memory-mapped shards."""
         n = len(store.ids(snap, split))
@@ -521,23 +516,20 @@ class Attributor:
             parts.append(store.read_features(snap, split, s)[max(lo, s_lo) - s_lo: min(hi, s_hi) - s_lo])
         return torch.from_numpy(np.concatenate(parts)).to(self.dist.device, torch.float64)
 
-    def _part_path(self, rank: int) -> Path:
-        return self.out_dir / ".parts" / f"scores-rank{rank:04d}.npy"
-
-    def _topk_part_path(self, rank: int) -> Path:
-        return self.out_dir / ".parts" / f"topk-rank{rank:04d}.npz"
+    def _parts(self) -> RankParts:
+        return RankParts(self.out_dir, self.n_train, self.n_query, self.dist.world_size)
 
     def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None,
                           excluded: dict[str, list[int]]) -> None:
         """Scores of my query block, streamed over the train shards, into this rank's part file: the full
         columns, or with `top_k` each query's running top k (never n_train x n_query in memory)."""
-        q_lo, q_hi = self._query_block()
+        parts = self._parts()
+        q_lo, q_hi = parts.block(self.dist.rank)
         if self.dist.rank == 0:
-            (self.out_dir / ".parts").mkdir(exist_ok=True)
+            parts.root.mkdir(exist_ok=True)
         self.dist.barrier()
         device, dtype = self.dist.device, SCORE_DTYPES[self.score_dtype]
-        sink = (TopKSink(self._topk_part_path(self.dist.rank), self.top_k, excluded["train"]) if self.top_k
-                else FullScoresSink(self._part_path(self.dist.rank), self.n_train, q_lo, q_hi))
+        sink = parts.sink(self.dist.rank, self.top_k, excluded["train"])
         w = weights.to(device, dtype) if weights is not None else None
         chunks = list(range(q_lo, q_hi, self.query_chunk))
         shards = list(range(store.num_shards(self.n_train)))
@@ -585,19 +577,19 @@ class Attributor:
     def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray,
                        excluded: dict[str, list[int]]) -> None:
         """Assemble the ranks' parts into a staging directory and publish it as one unit (`ResultStaging`)."""
-        staging = ResultStaging(self.out_dir)
+        staging, parts = ResultStaging(self.out_dir), self._parts()
         try:
             if self.top_k:
-                self._assemble_topk(staging, excluded)
+                parts.assemble_topk(staging, excluded)
             else:
-                self._assemble_scores(staging, excluded)
+                parts.assemble_scores(staging, excluded)
             staging.save("self_influence.npy", self_influence.astype(np.float32))
             staging.save("train_ids.npy", store.ids(snapshots[0].name, "train"))
             staging.save("query_ids.npy", store.ids(snapshots[0].name, "query"))
             staging.publish(self._manifest(store, snapshots, excluded))
         finally:
             staging.discard()
-            shutil.rmtree(self.out_dir / ".parts", ignore_errors=True)
+            parts.remove()
 
     def _manifest(self, store: FeatureStore, snapshots: list[Snapshot], excluded: dict[str, list[int]]) -> dict:
         return {
@@ -620,39 +612,3 @@ class Attributor:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
         }
-
-    def _query_bounds(self) -> np.ndarray:
-        """Query block boundaries: rank r scores queries [bounds[r], bounds[r + 1])."""
-        return np.linspace(0, self.n_query, self.dist.world_size + 1).round().astype(int)
-
-    def _assemble_scores(self, staging: ResultStaging, excluded: dict[str, list[int]]) -> None:
-        """scores.npy (staged) from the ranks' column blocks (one rank: its part is the matrix); excluded train rows
-        and query columns are NaN."""
-        scores_path = staging.path("scores.npy")
-        if self.dist.world_size == 1:
-            os.replace(self._part_path(0), scores_path)
-            scores = np.load(scores_path, mmap_mode="r+") if excluded["train"] or excluded["query"] else None
-        else:
-            scores = np.lib.format.open_memmap(scores_path, mode="w+", dtype=np.float32,
-                                               shape=(self.n_train, self.n_query))
-            bounds = self._query_bounds()
-            for r in range(self.dist.world_size):
-                if bounds[r + 1] > bounds[r]:
-                    part = np.load(self._part_path(r), mmap_mode="r")
-                    for lo in range(0, self.n_train, 4096):
-                        scores[lo:lo + 4096, bounds[r]:bounds[r + 1]] = part[lo:lo + 4096]
-        if scores is not None:
-            scores[excluded["train"]] = np.nan
-            scores[:, excluded["query"]] = np.nan
-            scores.flush()
-            del scores
-
-    def _assemble_topk(self, staging: ResultStaging, excluded: dict[str, list[int]]) -> None:
-        """topk_*.npy (staged) from the ranks' query blocks, stacked in rank (= query) order; excluded queries
-        get NaN scores."""
-        parts = [np.load(self._topk_part_path(r)) for r in range(self.dist.world_size)]
-        for name in TOPK_FILES:
-            array = np.concatenate([p[Path(name).stem] for p in parts])
-            if name.endswith("_scores.npy") and excluded["query"]:
-                array[excluded["query"]] = np.nan
-            staging.save(name, array)

@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from .batches import tensor_leaves
 from .methods.base import FeatureMethod
 from .tasks import TaskOutput, resolve_output, sample_batch
 
@@ -59,22 +60,9 @@ def _raise(err: BaseException, where: str) -> None:
     raise new from err
 
 
-def _leaves(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, np.ndarray):
-        yield torch.from_numpy(obj)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _leaves(v)
-    elif isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        for v in obj:
-            yield from _leaves(v)
-
-
 def reads_differ(dataset: Dataset, index: int = 0) -> bool:
     """True when `dataset[index]` gives different tensors on two reads (e.g. random augmentation in __getitem__)."""
-    a, b = list(_leaves(dataset[index])), list(_leaves(dataset[index]))
+    a, b = list(tensor_leaves(dataset[index])), list(tensor_leaves(dataset[index]))
     if len(a) != len(b):
         return True
     return any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b))

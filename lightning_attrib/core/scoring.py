@@ -1,10 +1,14 @@
-"""Streaming pieces of the scorer: shard read-ahead and where score blocks go (the full matrix or a running top-k).
+"""Streaming pieces of the scorer: shard read-ahead, where score blocks go (the full matrix or a running top-k), and
+the ranks' part files stitched into the result.
 
-`Attributor._score_my_queries` computes (train rows x query chunk) blocks shard by shard; a sink receives them.
+`Attributor._score_my_queries` computes (train rows x query chunk) blocks shard by shard; a sink receives them into
+this rank's part file (`RankParts`); rank 0 then assembles the parts into the staged result files.
 """
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from .io import atomic_write_bytes
+from .results import TOPK_FILES
 
 
 def prefetched(load: Callable[[Any], Any], items: Sequence) -> Iterator:
@@ -124,3 +129,62 @@ def _stack(parts: list[torch.Tensor], k: int, dtype) -> np.ndarray:
     if not parts:  # a rank with an empty query block
         return np.zeros((0, k), dtype)
     return np.concatenate([p.cpu().numpy() for p in parts]).astype(dtype, copy=False)
+
+
+class RankParts:
+    """The ranks' score parts under `out_dir/.parts`: rank r scores the query block `block(r)` into its own file
+    (full columns, or its queries' top-k), and rank 0 stitches them into the staged result."""
+
+    def __init__(self, out_dir: Path, n_train: int, n_query: int, world_size: int):
+        self.root = Path(out_dir) / ".parts"
+        self.n_train, self.n_query, self.world_size = n_train, n_query, world_size
+        self.bounds = np.linspace(0, n_query, world_size + 1).round().astype(int)  # rank r: [bounds[r], bounds[r+1])
+
+    def block(self, rank: int) -> tuple[int, int]:
+        return int(self.bounds[rank]), int(self.bounds[rank + 1])
+
+    def scores_path(self, rank: int) -> Path:
+        return self.root / f"scores-rank{rank:04d}.npy"
+
+    def topk_path(self, rank: int) -> Path:
+        return self.root / f"topk-rank{rank:04d}.npz"
+
+    def sink(self, rank: int, top_k: int | None, excluded_train: Sequence[int]) -> "FullScoresSink | TopKSink":
+        """Where rank `rank`'s score blocks go: its top-k part with `top_k`, else its full columns."""
+        if top_k:
+            return TopKSink(self.topk_path(rank), top_k, excluded_train)
+        return FullScoresSink(self.scores_path(rank), self.n_train, *self.block(rank))
+
+    def assemble_scores(self, staging: Any, excluded: dict[str, list[int]]) -> None:
+        """scores.npy (staged) from the ranks' column blocks (one rank: its part is the matrix); excluded train rows
+        and query columns are NaN."""
+        path = staging.path("scores.npy")
+        if self.world_size == 1:
+            os.replace(self.scores_path(0), path)
+            scores = np.load(path, mmap_mode="r+") if excluded["train"] or excluded["query"] else None
+        else:
+            scores = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.n_train, self.n_query))
+            for r in range(self.world_size):
+                q_lo, q_hi = self.block(r)
+                if q_hi > q_lo:
+                    part = np.load(self.scores_path(r), mmap_mode="r")
+                    for lo in range(0, self.n_train, 4096):
+                        scores[lo:lo + 4096, q_lo:q_hi] = part[lo:lo + 4096]
+        if scores is not None:
+            scores[excluded["train"]] = np.nan
+            scores[:, excluded["query"]] = np.nan
+            scores.flush()
+            del scores
+
+    def assemble_topk(self, staging: Any, excluded: dict[str, list[int]]) -> None:
+        """topk_*.npy (staged) from the ranks' query blocks, stacked in rank (= query) order; excluded queries get NaN
+        scores."""
+        parts = [np.load(self.topk_path(r)) for r in range(self.world_size)]
+        for name in TOPK_FILES:
+            array = np.concatenate([p[Path(name).stem] for p in parts])
+            if name.endswith("_scores.npy") and excluded["query"]:
+                array[excluded["query"]] = np.nan
+            staging.save(name, array)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from ..batches import unpack_batch
+from ..batches import tensor_leaves, unpack_batch
 from ..gradients import no_attention_fast_path, per_example_gradients
 from ..layers import explicit_attention
 from ..outputs import CrossEntropyLoss
@@ -143,7 +143,7 @@ class BatchSource:
         size = 0
         for batch in self.make():
             if kept is not None:
-                size += sum(t.numel() * t.element_size() for t in _leaves(batch))
+                size += sum(t.numel() * t.element_size() for t in tensor_leaves(batch))
                 if size <= self.cache_bytes:
                     kept.append(batch)
                 else:
@@ -151,17 +151,6 @@ class BatchSource:
             yield batch
         if kept is not None:
             self._cache = kept
-
-
-def _leaves(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _leaves(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _leaves(v)
 
 
 class Curvature:
