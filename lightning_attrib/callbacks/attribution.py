@@ -27,6 +27,9 @@ from .gradient_capture import GradientCapture
 from .in_run import captured_tracin
 
 
+TRAIN_FEATURES = ("auto", "capture", "post-hoc")
+
+
 class AttributionCallback(Callback):
     """Computes training-data attribution at the end of `Trainer.fit`.
 
@@ -69,6 +72,13 @@ class AttributionCallback(Callback):
         top_k: keep only each query's k strongest proponents and opponents (`topk_*.npy`) instead of the full
             n_train x n_query score matrix, which is then never built (large training sets); not with `leakage`,
             which needs the full matrix.
+        train_features: where the training examples' features come from. "auto" (default): from a `GradientCapture`
+            on the same Trainer when it applies, with no second pass over the training set: in-run TracIn for
+            `method="tracin"`; for TRAK each example's latest captured row before each `CheckpointCapture` snapshot
+            (its margin feature and Q read exactly from the step's loss gradient and output, `core/windows.py`;
+            examples a window lacks are featurized post hoc), else post hoc with a warning saying why. "capture":
+            the same, but an error (before training where it can be known) when the capture cannot be used.
+            "post-hoc": always re-featurize the training set at every snapshot after training.
 
     Only global rank 0 writes result files and logs; every rank takes part in featurization and scoring.
     """
@@ -82,7 +92,7 @@ class AttributionCallback(Callback):
                  to_image: Callable[[Any], np.ndarray] | None = None, log_images: bool = True, leakage: bool = False,
                  top_k: int | None = None, collate_fn: Callable | None = None,
                  to_display: Callable[[Any], Any] | None = None, keep_features: bool = True,
-                 check_before_fit: bool = True, non_finite: str = "raise"):
+                 check_before_fit: bool = True, non_finite: str = "raise", train_features: str = "auto"):
         super().__init__()
         if isinstance(method, str):
             make_method(method, **(method_kwargs or {}))  # validates name and arguments now, not after training
@@ -115,6 +125,10 @@ class AttributionCallback(Callback):
 
         if non_finite not in NON_FINITE:
             raise ValueError(f"non_finite must be one of {NON_FINITE}, got {non_finite!r}")
+        if train_features not in TRAIN_FEATURES:
+            raise ValueError(f"train_features must be one of {TRAIN_FEATURES} ('auto': from a GradientCapture on the "
+                             f"Trainer when it applies, else post hoc), got {train_features!r}")
+        self.train_features = train_features
         self.top_k, self.non_finite = top_k, non_finite
         self.method, self.method_kwargs = method, dict(method_kwargs or {})
         self.proj_dim, self.out_dir = proj_dim, Path(out_dir)
@@ -137,6 +151,53 @@ class AttributionCallback(Callback):
             from ..core.store import ensure_writable_dir
 
             ensure_writable_dir(self.out_dir, "AttributionCallback(out_dir)")
+        if stage == "fit":
+            self._request_capture_windows(trainer)
+
+    def _request_capture_windows(self, trainer: L.Trainer) -> None:
+        """TRAK-like methods take their train features from a GradientCapture's snapshot windows (see train_features):
+        ask the capture to keep them; with train_features="capture", say now what is missing."""
+        if self.train_features == "post-hoc":
+            return
+        method = self._method()
+        cap = next((c for c in trainer.callbacks if isinstance(c, GradientCapture)), None)
+        if getattr(method, "name", None) == "tracin" and getattr(method, "lr", None) is None:
+            if cap is None and self.train_features == "capture":
+                raise ValueError("AttributionCallback(train_features='capture', method='tracin') needs a "
+                                 "GradientCapture() on the Trainer: add one, or pass train_features='auto'")
+            return   # in-run TracIn from the capture's query pass (callbacks/in_run.py)
+        problem = None
+        if getattr(method, "output", None) != "margin" or callable(getattr(method, "prepare", None)):
+            problem = f"method {getattr(method, 'name', method)!r} does not use margin features only (TRAK does)"
+        elif self.output_fn is not None:
+            problem = "output_fn is set: captured features are the detected task's margin"
+        elif cap is None:
+            problem = "there is no GradientCapture on the Trainer"
+        elif not any(isinstance(c, CheckpointCapture) for c in trainer.callbacks):
+            problem = "there is no CheckpointCapture on the Trainer (the windows end at its snapshots)"
+        if problem is None:
+            cap.request_windows()
+        elif self.train_features == "capture":
+            raise ValueError(f"AttributionCallback(train_features='capture'): {problem}. Fix that, or pass "
+                             "train_features='auto' (post hoc when the capture does not apply)")
+
+    def _captured_train_source(self, trainer: L.Trainer):
+        """The GradientCapture's TRAK train source after training, or None (post hoc; warned unless not asked for)."""
+        cap = next((c for c in trainer.callbacks if isinstance(c, GradientCapture) and c.windows_requested), None)
+        if cap is None:
+            return None
+        cap.freeze_windows(trainer)   # a final snapshot CheckpointCapture took after the capture's on_train_end
+        source = cap.train_source()
+        if source is None:
+            message = (f"[lightning-attrib] TRAK's training features are computed post hoc, not taken from the "
+                       f"GradientCapture: {cap.windows_unused}")
+            if self.train_features == "capture":
+                raise ValueError(message + ". Training finished and its snapshots are kept: re-run attribution from "
+                                 "them, or pass train_features='auto'")
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return source
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Before the first training step: run the attribution path on a few examples (every rank, locally), then
@@ -174,7 +235,8 @@ class AttributionCallback(Callback):
              "projector": self.projector, "seed": self.seed, "out_dir": str(self.out_dir), "output_fn": out or "auto",
              "params": self.params if isinstance(self.params, (list, tuple, str, type(None))) else "callable",
              "batch_size": self.batch_size, "shard_size": self.shard_size, "top_k": self.top_k,
-             "keep_features": self.keep_features, "non_finite": self.non_finite}
+             "keep_features": self.keep_features, "non_finite": self.non_finite,
+             "train_features": self.train_features}
         if self.preflight_report is not None:
             s["output"] = self.preflight_report.output
             s["task"] = {k: v for k, v in self.preflight_report.output_details.items() if v is not None}
@@ -199,12 +261,14 @@ class AttributionCallback(Callback):
         attributor = None
         try:
             # with GradientCapture on the Trainer: in-run scores from the capture (None when it does not apply)
-            self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
-                                          query_collate)
+            if self.train_features != "post-hoc":
+                self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
+                                              query_collate)
             if self.result is None:
                 attributor = Attributor(
                     pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
-                    dist=dist, progress=progress, **self._attributor_kwargs())
+                    dist=dist, progress=progress, train_source=self._captured_train_source(trainer),
+                    **self._attributor_kwargs())
                 self.result = attributor.run(snapshots)
         except Exception as err:
             raise type(err)(

@@ -76,6 +76,8 @@ from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, Bat
 from ..core.gradients import select_parameters
 from ..core.io import atomic_write_json
 from ..core.layers import SUPPORTED, Layer, Term
+from ..core.tasks import HOOK_NAME, TaskConfigError, detect_task, prediction_tensor, read_batch
+from ..core.windows import CapturedTrainSource, LossToMargin, SnapshotWindows
 from .loaders import first_loader
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
@@ -272,6 +274,13 @@ class GradientCapture(Callback):
         self._owns_rank_dir = False
         self._kept: list[Any] = []   # memory mode: finished chunks (CPU `_Chunk`s, or (features, meta) copies)
         self._writer: ThreadPoolExecutor | None = None
+        # snapshot windows for TRAK (`core/windows.py`), asked for by an AttributionCallback before training
+        self.windows_requested = False
+        self.windows: SnapshotWindows | None = None
+        self.window_steps: int | None = None
+        self.windows_unused: str | None = None   # why the capture cannot give TRAK's train features (None: it can)
+        self._to_margin: LossToMargin | None = None
+        self._forward_hook: Any = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -295,6 +304,9 @@ class GradientCapture(Callback):
         self._row_meta: tuple = ()
         self._ids: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}   # step -> query features, until that step's chunk is scored
+        self._output: list | None = None   # windows: [prediction, its gradient] of each forward of the captured step
+        self._target: Any = None
+        self._inputs: Any = None
 
     @property
     def state_key(self) -> str:
@@ -375,6 +387,104 @@ class GradientCapture(Callback):
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="GradientCapture",
                                           initializer=torch.set_num_threads, initargs=(1,))
         self._setup_ids_and_queries(trainer, pl_module)
+        self._setup_windows(trainer, pl_module)
+
+    def request_windows(self) -> None:
+        """Keep each example's latest row per `CheckpointCapture` snapshot (TRAK's train features from the capture,
+        `core/windows.py`). Called by `AttributionCallback` before training; `windows_unused` says when it cannot."""
+        self.windows_requested = True
+
+    def _setup_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_windows()
+        self.windows_unused = None
+        if not self.windows_requested:
+            return
+        if self._n_train is None or (self.ids_fn is None and self._recorder is None):
+            self.windows_unused = "the training DataLoader has no batch sampler to record dataset ids from (pass ids_fn=)"
+        elif callable(getattr(pl_module, HOOK_NAME, None)):
+            self.windows_unused = (f"the module defines {HOOK_NAME}, whose prediction the training step's output need "
+                                   "not be")
+        if self.windows_unused:
+            return
+        base = self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "gradient_capture"
+        root = base / "windows"
+        rank = trainer.global_rank
+        for old in root.glob(f"*/rank-{rank:05d}.*"):   # a fresh fit: this rank's windows of an earlier one go
+            old.unlink()
+        self.windows = SnapshotWindows(root, self._n_train, self.projector.proj_dim, rank)
+        self.window_steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
+        self._forward_hook = pl_module.register_forward_hook(self._on_output)
+
+    def _on_output(self, module: Any, args: Any, output: Any) -> None:
+        """The LightningModule's forward in a captured step: its prediction and (in the backward) its gradient."""
+        if not self._active or self.windows is None:
+            return
+        try:
+            pred = prediction_tensor(output)
+        except TaskConfigError:
+            return
+        if pred.requires_grad:
+            box = [pred.detach(), None]
+            pred.register_hook(lambda g: box.__setitem__(1, g.detach()))
+            self._output = [*(self._output or []), box]
+
+    def _margin_ratios(self, n: int) -> tuple[Any, Any]:
+        """(c, Q) of the captured batch's rows (NaN when they cannot be read: `core.windows.LossToMargin`)."""
+        outs, self._output = self._output or [], None
+        # the forward outputs of this step with one row per example that the loss used (a DDP wrapper's call
+        # through forward returns the scalar loss: not a candidate); two candidates: which one is unknown
+        outs = [(p, g) for p, g in outs if g is not None and p.dim() >= 1 and p.shape[0] == n]
+        if len(outs) != 1 or self._target is None:
+            return float("nan"), float("nan")
+        pred, grad = outs[0]
+        if self._to_margin is None:
+            try:
+                self._to_margin = LossToMargin(detect_task(pred, self._target, self._inputs))
+            except (TaskConfigError, ValueError) as err:
+                self.windows_unused = f"the task could not be read from the training batch ({err})"
+                self._close_windows()
+                return float("nan"), float("nan")
+        ratio, q = self._to_margin(pred, self._target, grad * self._scale)
+        if self._to_margin.mismatch:
+            self.windows_unused = self._to_margin.mismatch
+            self._close_windows()
+        return ratio, q
+
+    def freeze_windows(self, trainer: L.Trainer) -> None:
+        """Freeze the window of every `CheckpointCapture` snapshot taken so far (all rows before it written out)."""
+        if self.windows is None:
+            return
+        from .checkpoint_capture import CheckpointCapture
+
+        due = [(r["name"], r["step"]) for c in trainer.callbacks if isinstance(c, CheckpointCapture)
+               for r in c.records if r["name"] not in self.windows.frozen and r["step"] <= trainer.global_step]
+        if not due:
+            return
+        self._emit()
+        self._wait()
+        for name, step in due:
+            self.windows.freeze(name, step)
+
+    def train_source(self) -> "CapturedTrainSource | None":
+        """TRAK's train side from this capture's snapshot windows, or None (`windows_unused` says why)."""
+        if self.windows is None:
+            return None
+        if self._to_margin is None:
+            self.windows_unused = ("no captured step showed the LightningModule's forward output (the training step "
+                                   "calls a submodule, not self(...)?)")
+            return None
+        return CapturedTrainSource(self.windows.root, self.window_steps, projector_kind(self.projector),
+                                   dict(self.projector.layout), self.projector.layout_hash, list(self.param_names),
+                                   self._to_margin.task.name)
+
+    def _close_windows(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+        if self.windows is not None:
+            windows, self.windows = self.windows, None
+            self._wait()
+            windows.close()
 
     def _setup_ids_and_queries(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the training batches' dataset indices (no `ids_fn`), and prepare the query pass (`query_dataset`)."""
@@ -453,6 +563,13 @@ class GradientCapture(Callback):
                 self._inrun.saw(torch.as_tensor(ids))
         if step % self.every_n_steps:
             return
+        if self.windows is not None:
+            self.freeze_windows(trainer)
+            self._output = None
+            try:
+                self._inputs, self._target = read_batch(pl_module, batch)
+            except Exception:   # not readable as (inputs, target): these rows get no ratio (featurized post hoc)
+                self._inputs = self._target = None
         if self._queries is not None and step not in self._pending:   # once per step (gradient accumulation)
             if len(self._pending) * self._queries.bytes_per_step >= PENDING_QUERY_BYTES:
                 self._emit()   # score the rows captured so far and let their steps' query features go
@@ -492,6 +609,7 @@ class GradientCapture(Callback):
         meta["epoch"][r0:r1] = epoch
         meta["batch_idx"][r0:r1] = batch_idx
         meta["lr"][r0:r1] = lr
+        meta["ratio"][r0:r1], meta["q"][r0:r1] = self._margin_ratios(n) if self.windows is not None else (np.nan, np.nan)
         if self._ids is not None:
             ids = torch.as_tensor(self._ids).detach().reshape(-1)
             if ids.numel() != n:
@@ -514,6 +632,7 @@ class GradientCapture(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish()
+        self.freeze_windows(trainer)
         if self._inrun is not None:
             self._write_result(trainer)
 
@@ -558,6 +677,7 @@ class GradientCapture(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._finish()
+        self._close_windows()
 
     def _finish(self) -> None:
         self._close_recording()
@@ -693,11 +813,14 @@ class GradientCapture(Callback):
             return
         rows, cpu = ch.rows, ch.device.type == "cpu"
         self._chunk = None
-        score = None
+        consumers = []   # run on each chunk's features (writer thread on CPU)
         if self._inrun is not None:   # the in-run scores of this chunk's rows, against their steps' queries
             meta = ch.row_meta()
             queries = {int(t): self._pending.pop(int(t)) for t in np.unique(meta["step"])}
-            score = partial(self._inrun.add, meta=meta, queries=queries)
+            consumers.append(partial(self._inrun.add, meta=meta, queries=queries))
+        if self.windows is not None:   # each example's latest row, for TRAK's snapshot windows
+            consumers.append(partial(self.windows.add, meta=ch.row_meta()))
+        score = partial(_consume, consumers) if consumers else None
         if self.out_dir is None:
             if cpu:
                 ch.future = self._writer.submit(_expand_and_score, ch, self._sides, score)
@@ -777,6 +900,11 @@ class GradientCapture(Callback):
                             "ids": None if (ids < 0).all() else torch.from_numpy(ids.copy()),
                             "features": feats[lo:hi]})
         return out
+
+
+def _consume(consumers: list[Callable], feats: torch.Tensor) -> None:
+    for consume in consumers:
+        consume(feats)
 
 
 def _expand_and_write(chunk: _Chunk, layers: _Sides, rank_dir: Path, index: int, meta: dict,

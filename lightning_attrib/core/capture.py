@@ -60,7 +60,10 @@ def make_capture_projector(projector: str, module: nn.Module, output_fn: Callabl
 def projector_kind(proj: HookedProjector) -> str:
     """"tensorsketch" | "factorized": the `projector=` name of a capture projector (from its layout)."""
     return _SKETCH_TO_KIND[proj.layout["sketch"]]
-META_FIELDS = (("step", np.int64), ("epoch", np.int64), ("batch_idx", np.int64), ("lr", np.float64), ("ids", np.int64))
+# per row; "ratio" and "q" (NaN unless the capture keeps snapshot windows for TRAK, `core/windows.py`): the
+# loss-to-margin ratio c of the row's output gradient and the task's Q at that step's output
+META_FIELDS = (("step", np.int64), ("epoch", np.int64), ("batch_idx", np.int64), ("lr", np.float64), ("ids", np.int64),
+               ("ratio", np.float64), ("q", np.float64))
 
 
 def chunk_features_path(meta_path: Path) -> Path:

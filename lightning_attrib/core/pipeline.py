@@ -44,6 +44,7 @@ from .results import (AttributionResult, ResultStaging, check_finite, load_resul
 from .scoring import RankParts, prefetched
 from .settings import FeatureSettings
 from .store import FeatureStore, ensure_writable_dir
+from .windows import CapturedTrainSource, read_window
 
 Progress = Callable[[str, int, int], None]
 SCORE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -127,6 +128,10 @@ class Attributor:
             is an error naming the example and snapshot. "exclude": examples with a non-finite gradient or Q get
             zero features (no effect on the kernel), NaN scores and self-influence (ranked last everywhere), and are
             listed in `manifest["excluded"]`.
+        train_source: TRAK's training features from a `GradientCapture`'s snapshot windows (`core/windows.py`,
+            `GradientCapture.train_source()`): no second pass over the training set; the capture's projector (kind,
+            k, seed, parameters) replaces `projector`/`proj_dim`/`seed`/`params`, and the queries and every training
+            example a window lacks are featurized post hoc with it at the snapshot's weights.
     """
 
     def __init__(self, module: nn.Module, method: FeatureMethod, train_dataset: Dataset, query_dataset: Dataset,
@@ -135,7 +140,7 @@ class Attributor:
                  batch_size: int = 64, shard_size: int = 512, query_chunk: int = 1024,
                  collate_fn: Callable | None = None, num_workers: int = 0, dist: Dist | None = None,
                  progress: Progress | None = None, self_influence: bool = True, score_dtype: str = "float32",
-                 top_k: int | None = None, non_finite: str = "raise"):
+                 top_k: int | None = None, non_finite: str = "raise", train_source: CapturedTrainSource | None = None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not isinstance(method, FeatureMethod):
@@ -157,6 +162,12 @@ class Attributor:
         self.dist = dist or LocalDist()
         self.output = resolve_output(output_fn, default=method.output, module=module, method=method,
                                      dataset=train_dataset, collate_fn=collate_fn)  # task detected from the data
+        self.train_source = train_source
+        if train_source is not None:   # the capture's projection, on both sides
+            self._check_train_source(train_source)
+            params = list(train_source.param_names)
+            projector, proj_dim, seed = (train_source.projector, int(train_source.layout["requested_dim"]),
+                                         int(train_source.layout["seed"]))
         self.param_names = select_parameters(module, params)
         choose = getattr(method, "choose_projector", None)  # e.g. influence solvers that need full gradients
         if callable(choose):
@@ -171,8 +182,17 @@ class Attributor:
         self.settings = self._feature_settings(non_finite)  # validates; before any file is written
         self.timings: dict[str, float] = {}
         self._data_fingerprints: dict[tuple[str, int], str] = {}  # (split, shard) -> fingerprint, this run's data
+        self.captured_rows: dict[str, int] = {}   # snapshot -> train rows taken from the capture (train_source)
         if self.dist.rank == 0:  # every argument is valid: only now is out_dir created
             ensure_writable_dir(self.out_dir, "out_dir")
+
+    def _check_train_source(self, source: CapturedTrainSource) -> None:
+        task = getattr(self.output, "task", None)
+        if getattr(self.output, "kind", None) != "margin" or task is None or task.name != source.task or callable(
+                getattr(self.method, "prepare", None)):
+            raise ValueError(f"train_source: captured training features are margin features of the {source.task} task "
+                             f"for methods that use features only (TRAK); this run attributes {self.output.name!r} with "
+                             f"{self.method.name!r}: drop train_source")
 
     def _feature_settings(self, non_finite: str) -> FeatureSettings:
         params = dict(self.module.named_parameters())
@@ -181,6 +201,7 @@ class Attributor:
             normalize=bool(self.method.normalize_features),
             params=hashlib.sha1(";".join(f"{n}:{tuple(params[n].shape)}" for n in self.param_names).encode()).hexdigest(),
             num_params=int(sum(params[n].numel() for n in self.param_names)), non_finite=non_finite,
+            train_features=("post-hoc" if self.train_source is None else f"captured:{self.train_source.layout_hash}"),
         )
 
     # -- public ----------------------------------------------------------------------------------
@@ -286,6 +307,8 @@ class Attributor:
         return self.settings.to_dict()
 
     def _factorized_projector(self, seed: int | None = None):
+        if self.train_source is not None:   # one projection for every snapshot: the capture's
+            return self.train_source.make_projector(self.module, self.output)
         return make_projector(self.projector_kind, self.module, self.output, self.param_names, self.proj_dim,
                               self.seed if seed is None else seed, device=self.dist.device)
 
@@ -326,11 +349,14 @@ class Attributor:
                                         device=self.dist.device)
         for split, dataset in (("train", self.train_dataset), ("query", self.query_dataset)):
             n = len(dataset)
+            if split == "train" and self.train_source is not None:
+                self._captured_train_shards(store, snap, grads)
+                continue
             self._check_finished_shards(store, snap.name, split, dataset)
             mine = [s for s in store.pending_shards(snap.name, split) if s % self.dist.world_size == self.dist.rank]
             for i, shard in enumerate(mine):
                 lo, hi = store.shard_range(shard, n)
-                feats, qw, data, excluded = self._featurize_rows(dataset, lo, hi, grads, projector,
+                feats, qw, data, excluded = self._featurize_rows(dataset, range(lo, hi), grads, projector,
                                                                  f"{split} example", snap.name)
                 self._data_fingerprints[(split, shard)] = data
                 store.write_shard(snap.name, split, shard, feats, qw, data=data, excluded=excluded)
@@ -338,17 +364,56 @@ class Attributor:
                     self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
         self.dist.barrier()
 
-    def _shard_loader(self, dataset: Dataset, lo: int, hi: int) -> DataLoader:
-        return DataLoader(Subset(dataset, range(lo, hi)), batch_size=self.batch_size, shuffle=False,
+    def _shard_loader(self, dataset: Dataset, rows: Sequence[int]) -> DataLoader:
+        return DataLoader(Subset(dataset, rows), batch_size=self.batch_size, shuffle=False,
                           collate_fn=self.collate_fn, num_workers=self.num_workers)
 
-    def _featurize_rows(self, dataset: Dataset, lo: int, hi: int, grads: Callable,
+    def _captured_train_shards(self, store: FeatureStore, snap: Snapshot, grads: Callable) -> None:
+        """My train shards of `snap` from the capture's window (phi = -row / c, Q at the captured step), every
+        example the window lacks featurized post hoc at the snapshot's weights (never left at zero)."""
+        window = read_window(self.train_source.root, snap.name, self.train_source.window_steps)
+        if window is None:
+            warnings.warn(f"captured TRAK: snapshot {snap.name!r} has no captured window (taken outside the capture?): "
+                          "its training features are computed post hoc", RuntimeWarning, stacklevel=3)
+        n, captured = self.n_train, 0
+        for shard in range(store.num_shards(n)):
+            if shard % self.dist.world_size != self.dist.rank:
+                continue
+            lo, hi = store.shard_range(shard, n)
+            k = int(grads.proj_dim)
+            feats, weights = np.zeros((hi - lo, k), dtype=np.float32), np.zeros(hi - lo, dtype=np.float32)
+            have = np.zeros(hi - lo, dtype=bool)
+            if window is not None:
+                a, b = np.searchsorted(window.ids, [lo, hi])
+                rows = window.ids[a:b] - lo
+                feats[rows], weights[rows], have[rows] = window.features[a:b], window.loss_weight[a:b], True
+            bad = np.flatnonzero(have & ~(np.isfinite(feats).all(1) & np.isfinite(weights)))
+            if len(bad) and self.settings.non_finite == "raise":
+                raise ValueError(f"non-finite captured feature or Q for train example {lo + int(bad[0])} at snapshot "
+                                 f"{snap.name!r}: its training step's output or gradient was NaN/inf. Check that example, "
+                                 "or pass non_finite='exclude'")
+            excluded = [lo + int(b) for b in bad]
+            feats[bad], weights[bad] = 0, 0
+            missing = np.flatnonzero(~have)
+            if len(missing):
+                f, w, _, ex = self._featurize_rows(self.train_dataset, (lo + missing).tolist(), grads, None,
+                                                   "train example", snap.name)
+                feats[missing], weights[missing] = f, w
+                excluded += ex
+            captured += int(have.sum())
+            store.write_shard(snap.name, "train", shard, feats, weights, data=None, excluded=sorted(excluded))
+        total = self.dist.all_reduce_sum(torch.tensor([float(captured)], device=self.dist.device))
+        self.captured_rows[snap.name] = int(total[0])
+
+    def _featurize_rows(self, dataset: Dataset, rows: Sequence[int], grads: Callable,
                         projector: RandomProjector | None, what: str, snap_name: str
                         ) -> tuple[np.ndarray, np.ndarray, str, list[int]]:
-        """Features and loss weights of rows [lo, hi), the fingerprint of the data they came from (hashed from the
-        collated batches as they pass: no second read), and the rows excluded as non-finite."""
-        loader = self._shard_loader(dataset, lo, hi)
-        feats, weights, offset = None, np.empty(hi - lo, dtype=np.float32), lo
+        """Features and loss weights of dataset rows `rows` (in order), the fingerprint of the data they came from
+        (hashed from the collated batches as they pass: no second read), and the rows excluded as non-finite."""
+        rows = list(rows)
+        loader = self._shard_loader(dataset, rows)
+        n = len(rows)
+        feats, weights, pos = None, np.empty(n, dtype=np.float32), 0
         fingerprint, excluded = BatchFingerprint(), []
         was_training = self.module.training
         self.module.eval()
@@ -358,28 +423,28 @@ class Attributor:
                 batch = move_to(batch, self.dist.device)
                 g = grads(batch)  # (B, p) gradients, or (B, k) features when projector is None (factorized)
                 q = self.output.loss_weight(self.module, batch)
-                bad = self._non_finite_rows(g, q, offset, what, snap_name)
+                ids = rows[pos:pos + g.shape[0]]
+                bad = self._non_finite_rows(g, q, ids, what, snap_name)
                 if len(bad):  # only with non_finite="exclude": zero features, zero weight, listed
                     g, q = g.clone(), q.clone()
                     g[bad], q[bad] = 0, 0
-                    excluded.extend(offset + int(b) for b in bad)
+                    excluded.extend(ids[int(b)] for b in bad)
                 f = projector(g) if projector is not None else g
                 if self.method.normalize_features:
                     f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 if feats is None:  # k is known once the first batch is featurized
-                    feats = np.empty((hi - lo, f.shape[1]), dtype=np.float32)
-                rows = slice(offset - lo, offset - lo + f.shape[0])
-                feats[rows] = f.cpu().numpy()
-                weights[rows] = q.cpu().numpy()
-                offset += g.shape[0]
+                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
+                feats[pos:pos + f.shape[0]] = f.cpu().numpy()
+                weights[pos:pos + f.shape[0]] = q.cpu().numpy()
+                pos += g.shape[0]
         finally:
             self.module.train(was_training)
-        if offset != hi:
-            raise ValueError(f"the data loader gave {offset - lo} {what}s for rows [{lo}, {hi}): the dataset's __len__ "
-                             "and its items disagree")
+        if pos != n:
+            raise ValueError(f"the data loader gave {pos} {what}s for {n} rows from {rows[0] if rows else 0}: the "
+                             "dataset's __len__ and its items disagree")
         return feats, weights, fingerprint.hexdigest(), excluded
 
-    def _non_finite_rows(self, g: torch.Tensor, q: torch.Tensor, offset: int, what: str, snap_name: str) -> list[int]:
+    def _non_finite_rows(self, g: torch.Tensor, q: torch.Tensor, ids: list[int], what: str, snap_name: str) -> list[int]:
         """Rows of a batch whose gradient or loss weight (TRAK's Q, from the outputs) is NaN/inf: an error naming
         the first, or (non_finite="exclude") their positions in the batch."""
         # fast path: a finite total means every entry is finite (the full check only runs otherwise)
@@ -393,7 +458,7 @@ class Attributor:
         which = ("gradient" if bool(bad_g[idx]) else
                  f"output (loss weight Q = {float(q[idx])} of output {self.output.name!r}: a NaN/inf logit or output)")
         raise ValueError(
-            f"non-finite {which} for {what} {offset + idx} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
+            f"non-finite {which} for {what} {ids[idx]} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
             "Check that example and the model's numerics, or pass non_finite='exclude' to drop such examples "
             "(listed in the manifest); shards finished so far are kept on disk."
         )
@@ -419,7 +484,7 @@ class Attributor:
         key = (split, shard)
         if key not in self._data_fingerprints:
             fingerprint = BatchFingerprint()
-            for batch in self._shard_loader(dataset, lo, hi):
+            for batch in self._shard_loader(dataset, range(lo, hi)):
                 fingerprint.update(batch)
             self._data_fingerprints[key] = fingerprint.hexdigest()
         return self._data_fingerprints[key]
@@ -610,5 +675,8 @@ class Attributor:
             "non_finite": self.settings.non_finite,
             "excluded": excluded,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "train_features": ("post-hoc: featurized at every snapshot" if self.train_source is None else
+                               {**self.train_source.describe(), "captured_rows": dict(self.captured_rows),
+                                "post_hoc_rows": {k: self.n_train - v for k, v in self.captured_rows.items()}}),
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
         }

@@ -42,6 +42,7 @@ class FeatureSettings:
     num_params: int
     non_finite: str = "raise"     # "raise": a non-finite value is an error; "exclude": its rows are dropped and listed
     factorized_layout: str | None = None  # which layers a factorized/tensorsketch projector covers, and their k split
+    train_features: str = "post-hoc"   # or "captured:<layout hash>": TRAK's train side from a GradientCapture
 
     def __post_init__(self):
         check_projector(self.projector)
@@ -60,4 +61,6 @@ class FeatureSettings:
         d = asdict(self)
         if d["factorized_layout"] is None:
             del d["factorized_layout"]
+        if d["train_features"] == "post-hoc":   # the default: stores written before the field existed stay valid
+            del d["train_features"]
         return d
