@@ -217,3 +217,30 @@ def test_ddp_windows_of_both_ranks_make_the_train_side(tmp_path):
     for snap in info["captured_rows"]:
         feats, _ = store.load(snap, "train")
         assert np.abs(feats - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_resumed_fit_gives_the_uninterrupted_result(tmp_path):
+    """Interrupted after epoch 3 of 6 and resumed from its checkpoint: the windows frozen before the checkpoint are
+    kept, the later ones captured after the resume; the scores equal the uninterrupted fit's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    train, query = _data()
+
+    def fit(root, epochs, ckpt_path=None, checkpoint=False):
+        torch.manual_seed(0)
+        cbs = [GradientCapture(proj_dim=256, query_dataset=None), CheckpointCapture(dirpath=root / "snaps",
+                                                                                   every_n_epochs=2),
+               AttributionCallback(out_dir=root / "attrib", log_images=False, train_features="capture")]
+        if checkpoint:
+            cbs.append(ModelCheckpoint(dirpath=root / "ckpt", save_last=True))
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=checkpoint, default_root_dir=root,
+                            callbacks=cbs)
+        trainer.fit(_Net(), DataLoader(train, batch_size=40), DataLoader(query, batch_size=40), ckpt_path=ckpt_path)
+        return load_results(root / "attrib")
+
+    whole = fit(tmp_path / "whole", 6)
+    fit(tmp_path / "parts", 3, checkpoint=True)
+    resumed = fit(tmp_path / "parts", 6, ckpt_path=tmp_path / "parts" / "ckpt" / "last.ckpt")
+    assert list(resumed.manifest["train_features"]["captured_rows"].values()) == [240, 240, 240]
+    np.testing.assert_allclose(resumed.scores, whole.scores, rtol=1e-4, atol=1e-6 * np.abs(whole.scores).max())

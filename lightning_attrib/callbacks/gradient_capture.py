@@ -260,6 +260,7 @@ class GradientCapture(Callback):
         self._recorder: BatchIndexRecorder | None = None
         self._n_train: int | None = None
         self._resume_inrun: dict | None = None
+        self._resume_windows: dict | None = None
         self.query_source: Dataset | None = None   # the query dataset the in-run scores are against
         self.projector: HookedProjector | None = None
         self.param_names: list[str] = []
@@ -409,9 +410,12 @@ class GradientCapture(Callback):
         base = self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "gradient_capture"
         root = base / "windows"
         rank = trainer.global_rank
-        for old in root.glob(f"*/rank-{rank:05d}.*"):   # a fresh fit: this rank's windows of an earlier one go
-            old.unlink()
+        kept, self._resume_windows = self._resume_windows or {}, None
+        for old in root.glob(f"*/rank-{rank:05d}.*"):   # this rank's windows of an earlier fit go; a resumed fit
+            if old.parent.name not in kept:              # keeps those frozen before its checkpoint
+                old.unlink()
         self.windows = SnapshotWindows(root, self._n_train, self.projector.proj_dim, rank)
+        self.windows.frozen.update(kept)
         self.window_steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
         self._forward_hook = pl_module.register_forward_hook(self._on_output)
 
@@ -697,6 +701,8 @@ class GradientCapture(Callback):
         to the checkpoint is scored first), so a resumed fit continues them instead of starting from zero."""
         step = int(self._trainer.global_step) if self._trainer is not None else None
         state = {"out_dir": str(self.out_dir) if self.out_dir else None, "global_step": step}
+        if self.windows is not None:   # snapshot windows frozen so far (their files stay on a resume)
+            state["windows_frozen"] = dict(self.windows.frozen)
         if self._inrun is not None and self._trainer is not None:
             self._emit()
             self._wait()
@@ -707,11 +713,13 @@ class GradientCapture(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed fit drops the chunks its ranks wrote after the checkpoint (steps >= its global step) and
-        continues the in-run totals of the checkpoint."""
+        """A resumed fit drops the chunks its ranks wrote after the checkpoint (steps >= its global step),
+        continues the in-run totals of the checkpoint, and keeps the snapshot windows frozen before it (a window
+        open at the checkpoint holds only the rows captured after the resume; the others are featurized post hoc)."""
         step = state_dict.get("global_step")
         self._resume_step = int(step) if step is not None else None
         self._resume_inrun = state_dict.get("inrun")
+        self._resume_windows = state_dict.get("windows_frozen")
 
     # -- the hot path -------------------------------------------------------------------------------------
     def _close_recording(self) -> None:
