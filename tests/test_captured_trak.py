@@ -1,7 +1,6 @@
 """Captured TRAK: AttributionCallback takes TRAK's training features from a GradientCapture's snapshot windows
 (`core/windows.py`): equal to post-hoc features at the same weights, missing rows featurized post hoc, a training
 loss that is not the task's detected (post hoc instead), zero-configuration result files."""
-import warnings
 
 import lightning as L
 import numpy as np

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,24 +28,23 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from .batches import move_to
 from .dist import Dist, LocalDist
-from .io import BatchFingerprint, derive_seed, tensor_bytes
+from .io import tensor_bytes
 from .lock import OutDirLock, OutDirLockedError
-from .sketch import make_projector
-from .linalg import TrainGram, use_dual_form
-from .gradients import PerExampleGradients, ParamSelector, select_parameters
+from .features import SnapshotFeaturizer
+from .gradients import ParamSelector, select_parameters
 from .methods.base import FeatureMethod, SnapshotInfo, TrainStatistics
 from .methods.context import ModelContext
 from .outputs import OutputFunction, resolve_output
-from .projection import HOOKED_KINDS, RandomProjector
+from .projection import HOOKED_KINDS
 from .results import (AttributionResult, ResultStaging, check_finite, load_results,
                       remove_stale_staging)
-from .scoring import RankParts, prefetched
+from .scorer import SCORE_DTYPES, Scorer
+from .scoring import RankParts
 from .settings import FeatureSettings
 from .store import FeatureStore, ensure_writable_dir
-from .windows import CapturedTrainSource, read_window
+from .windows import CapturedTrainSource
 
 Progress = Callable[[str, int, int], None]
-SCORE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -181,8 +178,13 @@ class Attributor:
         self.top_k = None if top_k is None else min(top_k, self.n_train)  # more than n_train: all of them, ranked
         self.settings = self._feature_settings(non_finite)  # validates; before any file is written
         self.timings: dict[str, float] = {}
-        self._data_fingerprints: dict[tuple[str, int], str] = {}  # (split, shard) -> fingerprint, this run's data
-        self.captured_rows: dict[str, int] = {}   # snapshot -> train rows taken from the capture (train_source)
+        # the stages: feature source -> scorer -> (rank 0) result writer
+        self.featurizer = SnapshotFeaturizer(
+            module, method, self.output, self.param_names, self.projector_kind, self.proj_dim, self.seed, self.dist,
+            batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers, non_finite=non_finite,
+            train_source=train_source, progress=progress)
+        self.scorer = Scorer(method, self.n_train, self.n_query, self.dist, self._parts(), score_dtype=score_dtype,
+                             query_chunk=query_chunk, top_k=self.top_k, progress=progress)
         if self.dist.rank == 0:  # every argument is valid: only now is out_dir created
             ensure_writable_dir(self.out_dir, "out_dir")
 
@@ -217,7 +219,7 @@ class Attributor:
         if self.method.snapshot_policy == "last":
             snapshots = snapshots[-1:]
         self._check_snapshots_readable(snapshots)
-        self._data_fingerprints.clear()  # the data may have changed since an earlier run() of this Attributor
+        self.featurizer.reset()  # the data may have changed since an earlier run() of this Attributor
         lock = self._acquire_lock()
         try:
             return self._run(snapshots, original)
@@ -277,13 +279,13 @@ class Attributor:
             self.module.load_state_dict(original)
         t0 = time.perf_counter()
         stats = self._train_statistics(store, snapshots)
-        self._check_kernels(stats, snapshots)
+        self.scorer.check_kernels(stats, snapshots)
         self.method.fit(stats)
         self.timings["fit_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         weights = self.method.train_weights()
         excluded = self._excluded_rows(store, snapshots)
-        self_influence = (self._self_influence(store, snapshots, weights) if self.compute_self_influence
+        self_influence = (self.scorer.self_influence(store, snapshots, weights) if self.compute_self_influence
                           else np.full(self.n_train, np.nan))
         if self.compute_self_influence:
             self_influence[excluded["train"]] = np.nan
@@ -307,10 +309,7 @@ class Attributor:
         return self.settings.to_dict()
 
     def _factorized_projector(self, seed: int | None = None):
-        if self.train_source is not None:   # one projection for every snapshot: the capture's
-            return self.train_source.make_projector(self.module, self.output)
-        return make_projector(self.projector_kind, self.module, self.output, self.param_names, self.proj_dim,
-                              self.seed if seed is None else seed, device=self.dist.device)
+        return self.featurizer.hooked_projector(seed)
 
     def _open_store(self) -> FeatureStore:
         root = self.out_dir / "features" / self.output.name
@@ -336,158 +335,7 @@ class Attributor:
             store.create(snap.name, "train", np.arange(self.n_train), replace=True)
             store.create(snap.name, "query", np.arange(self.n_query), replace=True)
         self.dist.barrier()
-        # An independent projection per snapshot (as TRAK's ensembles): averaging over snapshots then also averages
-        # out projection noise, and a resumed run recomputes the same one.
-        seed = derive_seed(self.seed, snap.name)
-        if self.projector_kind in HOOKED_KINDS:
-            # Kronecker-factorized / tensor-sketched features straight from one batched backward: no per-example gradients,
-            # no dense projector (`grads(batch)` already returns (B, k) features).
-            grads, projector = self._factorized_projector(seed), None
-        else:
-            grads = PerExampleGradients(self.module, self.output, self.param_names)
-            projector = RandomProjector(grads.num_params, self.proj_dim, self.projector_kind, seed,
-                                        device=self.dist.device)
-        for split, dataset in (("train", self.train_dataset), ("query", self.query_dataset)):
-            n = len(dataset)
-            if split == "train" and self.train_source is not None:
-                self._captured_train_shards(store, snap, grads)
-                continue
-            self._check_finished_shards(store, snap.name, split, dataset)
-            mine = [s for s in store.pending_shards(snap.name, split) if s % self.dist.world_size == self.dist.rank]
-            for i, shard in enumerate(mine):
-                lo, hi = store.shard_range(shard, n)
-                feats, qw, data, excluded = self._featurize_rows(dataset, range(lo, hi), grads, projector,
-                                                                 f"{split} example", snap.name)
-                self._data_fingerprints[(split, shard)] = data
-                store.write_shard(snap.name, split, shard, feats, qw, data=data, excluded=excluded)
-                if self.progress:
-                    self.progress(f"featurize {snap.name}/{split}", i + 1, len(mine))
-        self.dist.barrier()
-
-    def _shard_loader(self, dataset: Dataset, rows: Sequence[int]) -> DataLoader:
-        return DataLoader(Subset(dataset, rows), batch_size=self.batch_size, shuffle=False,
-                          collate_fn=self.collate_fn, num_workers=self.num_workers)
-
-    def _captured_train_shards(self, store: FeatureStore, snap: Snapshot, grads: Callable) -> None:
-        """My train shards of `snap` from the capture's window (phi = -row / c, Q at the captured step), every
-        example the window lacks featurized post hoc at the snapshot's weights (never left at zero)."""
-        window = read_window(self.train_source.root, snap.name, self.train_source.window_steps)
-        if window is None:
-            warnings.warn(f"captured TRAK: snapshot {snap.name!r} has no captured window (taken outside the capture?): "
-                          "its training features are computed post hoc", RuntimeWarning, stacklevel=3)
-        n, captured = self.n_train, 0
-        for shard in range(store.num_shards(n)):
-            if shard % self.dist.world_size != self.dist.rank:
-                continue
-            lo, hi = store.shard_range(shard, n)
-            k = int(grads.proj_dim)
-            feats, weights = np.zeros((hi - lo, k), dtype=np.float32), np.zeros(hi - lo, dtype=np.float32)
-            have = np.zeros(hi - lo, dtype=bool)
-            if window is not None:
-                a, b = np.searchsorted(window.ids, [lo, hi])
-                rows = window.ids[a:b] - lo
-                feats[rows], weights[rows], have[rows] = window.features[a:b], window.loss_weight[a:b], True
-            bad = np.flatnonzero(have & ~(np.isfinite(feats).all(1) & np.isfinite(weights)))
-            if len(bad) and self.settings.non_finite == "raise":
-                raise ValueError(f"non-finite captured feature or Q for train example {lo + int(bad[0])} at snapshot "
-                                 f"{snap.name!r}: its training step's output or gradient was NaN/inf. Check that example, "
-                                 "or pass non_finite='exclude'")
-            excluded = [lo + int(b) for b in bad]
-            feats[bad], weights[bad] = 0, 0
-            missing = np.flatnonzero(~have)
-            if len(missing):
-                f, w, _, ex = self._featurize_rows(self.train_dataset, (lo + missing).tolist(), grads, None,
-                                                   "train example", snap.name)
-                feats[missing], weights[missing] = f, w
-                excluded += ex
-            captured += int(have.sum())
-            store.write_shard(snap.name, "train", shard, feats, weights, data=None, excluded=sorted(excluded))
-        total = self.dist.all_reduce_sum(torch.tensor([float(captured)], device=self.dist.device))
-        self.captured_rows[snap.name] = int(total[0])
-
-    def _featurize_rows(self, dataset: Dataset, rows: Sequence[int], grads: Callable,
-                        projector: RandomProjector | None, what: str, snap_name: str
-                        ) -> tuple[np.ndarray, np.ndarray, str, list[int]]:
-        """Features and loss weights of dataset rows `rows` (in order), the fingerprint of the data they came from
-        (hashed from the collated batches as they pass: no second read), and the rows excluded as non-finite."""
-        rows = list(rows)
-        loader = self._shard_loader(dataset, rows)
-        n = len(rows)
-        feats, weights, pos = None, np.empty(n, dtype=np.float32), 0
-        fingerprint, excluded = BatchFingerprint(), []
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            for batch in loader:
-                fingerprint.update(batch)
-                batch = move_to(batch, self.dist.device)
-                g = grads(batch)  # (B, p) gradients, or (B, k) features when projector is None (factorized)
-                q = self.output.loss_weight(self.module, batch)
-                ids = rows[pos:pos + g.shape[0]]
-                bad = self._non_finite_rows(g, q, ids, what, snap_name)
-                if len(bad):  # only with non_finite="exclude": zero features, zero weight, listed
-                    g, q = g.clone(), q.clone()
-                    g[bad], q[bad] = 0, 0
-                    excluded.extend(ids[int(b)] for b in bad)
-                f = projector(g) if projector is not None else g
-                if self.method.normalize_features:
-                    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                if feats is None:  # k is known once the first batch is featurized
-                    feats = np.empty((n, f.shape[1]), dtype=np.float32)
-                feats[pos:pos + f.shape[0]] = f.cpu().numpy()
-                weights[pos:pos + f.shape[0]] = q.cpu().numpy()
-                pos += g.shape[0]
-        finally:
-            self.module.train(was_training)
-        if pos != n:
-            raise ValueError(f"the data loader gave {pos} {what}s for {n} rows from {rows[0] if rows else 0}: the "
-                             "dataset's __len__ and its items disagree")
-        return feats, weights, fingerprint.hexdigest(), excluded
-
-    def _non_finite_rows(self, g: torch.Tensor, q: torch.Tensor, ids: list[int], what: str, snap_name: str) -> list[int]:
-        """Rows of a batch whose gradient or loss weight (TRAK's Q, from the outputs) is NaN/inf: an error naming
-        the first, or (non_finite="exclude") their positions in the batch."""
-        # fast path: a finite total means every entry is finite (the full check only runs otherwise)
-        if torch.isfinite(g.sum()) and torch.isfinite(q.sum()):
-            return []
-        bad_g = ~torch.isfinite(g).all(dim=1)
-        bad = (bad_g | ~torch.isfinite(q)).nonzero().flatten().tolist()
-        if self.settings.non_finite == "exclude":
-            return bad
-        idx = bad[0]
-        which = ("gradient" if bool(bad_g[idx]) else
-                 f"output (loss weight Q = {float(q[idx])} of output {self.output.name!r}: a NaN/inf logit or output)")
-        raise ValueError(
-            f"non-finite {which} for {what} {ids[idx]} at snapshot {snap_name!r}: its loss or output is NaN/inf. "
-            "Check that example and the model's numerics, or pass non_finite='exclude' to drop such examples "
-            "(listed in the manifest); shards finished so far are kept on disk."
-        )
-
-    def _check_finished_shards(self, store: FeatureStore, snap: str, split: str, dataset: Dataset) -> None:
-        """Reuse a finished shard of mine only if its bytes match its record and its data fingerprint matches this
-        run's data (re-read through the loader, no forward pass); otherwise discard it, saying why."""
-        n = len(dataset)
-        for shard in range(store.num_shards(n)):
-            if shard % self.dist.world_size != self.dist.rank or not store.is_done(snap, split, shard):
-                continue
-            problem = store.check_shard(snap, split, shard)
-            if problem is None and store.record(snap, split, shard).get("data") != self._data_fingerprint(
-                    dataset, split, shard, *store.shard_range(shard, n)):
-                problem = "its examples (inputs, targets or their order) differ from this run's"
-            if problem:
-                warnings.warn(f"recomputing shard {shard} of {snap}/{split} in {store.root}: {problem}",
-                              RuntimeWarning, stacklevel=2)
-                store.discard_shard(snap, split, shard)
-
-    def _data_fingerprint(self, dataset: Dataset, split: str, shard: int, lo: int, hi: int) -> str:
-        """This run's fingerprint of rows [lo, hi) (cached: computed once per run, whatever the snapshots)."""
-        key = (split, shard)
-        if key not in self._data_fingerprints:
-            fingerprint = BatchFingerprint()
-            for batch in self._shard_loader(dataset, range(lo, hi)):
-                fingerprint.update(batch)
-            self._data_fingerprints[key] = fingerprint.hexdigest()
-        return self._data_fingerprints[key]
+        self.featurizer.featurize(store, snap.name, self.train_dataset, self.query_dataset)
 
     def _excluded_rows(self, store: FeatureStore, snapshots: list[Snapshot]) -> dict[str, list[int]]:
         """Train / query rows excluded as non-finite at any snapshot (from the shard records), on every rank."""
@@ -503,16 +351,6 @@ class Attributor:
             out[split] = mask.nonzero().flatten().cpu().tolist()
         return out
 
-    def _check_kernels(self, stats: TrainStatistics, snapshots: list[Snapshot]) -> None:
-        """Kernels and mean loss weights must be finite (named by snapshot) before any inverse is taken."""
-        for c, kernel in enumerate(stats.kernels or []):
-            if not torch.isfinite(kernel).all():
-                raise ValueError(f"the feature kernel of snapshot {snapshots[c].name!r} is not finite (features too "
-                                 "large for float64?): check the model's numerics at that snapshot")
-        if stats.loss_weight is not None and not torch.isfinite(stats.loss_weight).all():
-            row = int((~torch.isfinite(stats.loss_weight)).nonzero()[0])
-            raise ValueError(f"non-finite mean loss weight for train example {row}: its outputs are NaN/inf at some "
-                             "snapshot")
 
     def _model_context(self, store: FeatureStore, index: int, snap: Snapshot) -> ModelContext:
         """What `method.prepare` sees (see `methods/context.py`): module at `snap`'s weights, training data, features."""
@@ -538,106 +376,21 @@ class Attributor:
 
     # -- statistics, scoring ---------------------------------------------------------------------
     def _my_train_shards(self, store: FeatureStore) -> list[int]:
-        return [s for s in range(store.num_shards(self.n_train)) if s % self.dist.world_size == self.dist.rank]
+        return self.scorer.my_train_shards(store)
 
     def _train_statistics(self, store: FeatureStore, snapshots: list[Snapshot]) -> TrainStatistics:
-        device = self.dist.device
-        dim = self._feature_dim(store, snapshots[0])
-        kernels, q_sum = [], torch.zeros(self.n_train, dtype=torch.float64, device=device)
-        dual = getattr(self.method, "supports_dual", False) and use_dual_form(self.n_train, dim)
-        for snap in snapshots:
-            gram = (TrainGram(self.n_train, dim, dual, SCORE_DTYPES[self.score_dtype], device)
-                    if self.method.needs_kernel else None)
-            for lo, hi, f, w in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
-                if gram is not None:
-                    gram.add(lo, hi, f)
-                q_sum[lo:hi] += torch.from_numpy(w).to(device, torch.float64)
-            if gram is not None:
-                kernels.append(gram.reduce(self.dist))
-        q_mean = self.dist.all_reduce_sum(q_sum) / len(snapshots)
-        return TrainStatistics([s.info for s in snapshots], self.n_train, dim, kernels=None if dual else (kernels or None),
-                               train_features=kernels if dual else None, loss_weight=q_mean)
+        return self.scorer.train_statistics(store, snapshots)
 
     def _feature_dim(self, store: FeatureStore, snap: Snapshot) -> int:
-        return int(store.read_shard(snap.name, "train", 0)[0].shape[1])
-
-    def _self_influence(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None) -> np.ndarray:
-        device = self.dist.device
-        out = torch.zeros(self.n_train, dtype=torch.float64, device=device)
-        for c, snap in enumerate(snapshots):
-            for lo, hi, f, _ in store.iter_shards(snap.name, "train", self._my_train_shards(store)):
-                out[lo:hi] += self.method.self_scores(c, torch.from_numpy(f).to(device), SCORE_DTYPES[self.score_dtype],
-                                                      rows=(lo, hi))
-        if weights is not None:
-            out *= weights.to(device)
-        return self.dist.all_reduce_sum(out).cpu().numpy()
-
-    def _read_rows(self, store: FeatureStore, snap: str, split: str, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of a split as float64, copying only those rows out of the memory-mapped shards."""
-        n = len(store.ids(snap, split))
-        parts = []
-        for s in range(lo // store.shard_size, math.ceil(hi / store.shard_size)):
-            s_lo, s_hi = store.shard_range(s, n)
-            parts.append(store.read_features(snap, split, s)[max(lo, s_lo) - s_lo: min(hi, s_hi) - s_lo])
-        return torch.from_numpy(np.concatenate(parts)).to(self.dist.device, torch.float64)
+        return self.scorer.feature_dim(store, snap)
 
     def _parts(self) -> RankParts:
         return RankParts(self.out_dir, self.n_train, self.n_query, self.dist.world_size)
 
     def _score_my_queries(self, store: FeatureStore, snapshots: list[Snapshot], weights: torch.Tensor | None,
                           excluded: dict[str, list[int]]) -> None:
-        """Scores of my query block, streamed over the train shards, into this rank's part file: the full
-        columns, or with `top_k` each query's running top k (never n_train x n_query in memory)."""
-        parts = self._parts()
-        q_lo, q_hi = parts.block(self.dist.rank)
-        if self.dist.rank == 0:
-            parts.root.mkdir(exist_ok=True)
-        self.dist.barrier()
-        device, dtype = self.dist.device, SCORE_DTYPES[self.score_dtype]
-        sink = parts.sink(self.dist.rank, self.top_k, excluded["train"])
-        w = weights.to(device, dtype) if weights is not None else None
-        chunks = list(range(q_lo, q_hi, self.query_chunk))
-        shards = list(range(store.num_shards(self.n_train)))
-        for i, c_lo in enumerate(chunks):
-            c_hi = min(q_hi, c_lo + self.query_chunk)
-            # T_c in float64 (the kernel inverse lives there), then one cast: the big matmul runs in `dtype`
-            queries = [self.method.transform(c, self._read_rows(store, s.name, "query", c_lo, c_hi))
-                       .to(dtype).T.contiguous() for c, s in enumerate(snapshots)]
-            sink.begin(c_lo, c_hi)
-            for shard, feats in zip(shards, prefetched(lambda s: self._read_train_shard(store, snapshots, s), shards)):
-                lo, hi = store.shard_range(shard, self.n_train)
-                block = torch.empty(hi - lo, c_hi - c_lo, dtype=dtype, device=device)
-                for c, f in enumerate(feats):  # the sum over snapshots accumulates in the GEMM itself (beta = 1)
-                    f = torch.from_numpy(f).to(device, dtype)
-                    if c == 0:
-                        torch.mm(f, queries[0], out=block)
-                    else:
-                        block.addmm_(f, queries[c])
-                if w is not None:
-                    block *= w[lo:hi, None]
-                if not torch.isfinite(block.sum()):
-                    self._raise_non_finite_scores(block, lo, c_lo, snapshots, excluded)
-                sink.add(lo, block)
-            if self.progress:
-                self.progress("score", i + 1, len(chunks))
-        sink.close()
-
-    @staticmethod
-    def _raise_non_finite_scores(block: torch.Tensor, lo: int, c_lo: int, snapshots: list[Snapshot],
-                                 excluded: dict[str, list[int]]) -> None:
-        bad = ~torch.isfinite(block)
-        bad[[r - lo for r in excluded["train"] if lo <= r < lo + block.shape[0]]] = False
-        bad[:, [q - c_lo for q in excluded["query"] if c_lo <= q < c_lo + block.shape[1]]] = False
-        if bad.any():
-            i, j = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"non-finite score ({float(block[i, j])}) of train example {lo + i} for query {c_lo + j} "
-                             f"(snapshots {[s.name for s in snapshots]}): the features or the fitted method's inverse "
-                             "overflow; check the damping and the model's numerics")
-
-    @staticmethod
-    def _read_train_shard(store: FeatureStore, snapshots: list[Snapshot], shard: int) -> list[np.ndarray]:
-        """One train shard's features at every snapshot, read into memory (this runs in the prefetch thread)."""
-        return [store.read_features(s.name, "train", shard, mmap=False) for s in snapshots]
+        """Scores of my query block into this rank's part file (`Scorer.score_queries`)."""
+        self.scorer.score_queries(store, snapshots, weights, excluded)
 
     def _write_results(self, store: FeatureStore, snapshots: list[Snapshot], self_influence: np.ndarray,
                        excluded: dict[str, list[int]]) -> None:
@@ -676,7 +429,7 @@ class Attributor:
             "excluded": excluded,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "train_features": ("post-hoc: featurized at every snapshot" if self.train_source is None else
-                               {**self.train_source.describe(), "captured_rows": dict(self.captured_rows),
-                                "post_hoc_rows": {k: self.n_train - v for k, v in self.captured_rows.items()}}),
+                               {**self.train_source.describe(), "captured_rows": dict(self.featurizer.captured_rows),
+                                "post_hoc_rows": {k: self.n_train - v for k, v in self.featurizer.captured_rows.items()}}),
             "sign": "positive = the training example helps the query (raises its output / lowers its loss)",
         }
