@@ -27,6 +27,7 @@ SPEED = {  # app -> overrides appended to the README command (sizes and counts o
     "modeldiff": DATA,
     "leakage": DATA,
     "callbacks=in_run": ["trainer.max_epochs=3", *DATA],
+    "callbacks=capture": ["trainer.max_epochs=3", *DATA],
     "ensemble": ["trainer.max_epochs=3", *DATA, "ensemble.seeds=2"],
 }
 USER_MODULE = '''
@@ -132,7 +133,7 @@ def test_readme_block_is_what_this_test_runs():
     # every README command is run below (a new one must get a test here)
     fragments = ["lightning-attrib experiment=demo", "model=cnn", "hparams_search=damping", "attribute snapshots=",
                  "--config-dir", "lds experiment=demo", "modeldiff", "leakage", "callbacks=in_run",
-                 "ensemble experiment=demo"]
+                 "callbacks=capture", "ensemble experiment=demo"]
     assert len(COMMANDS) == len(fragments) == len({_command(f) for f in fragments})
 
 
@@ -260,6 +261,17 @@ def test_in_run_tracin_needs_no_second_pass(ws):
     assert res.manifest["method"] == "tracin" and res.manifest["post_hoc_examples"] == 0
     assert not (runs[0] / "attrib" / "features").exists()       # the training set was never re-read
     np.testing.assert_array_equal(np.asarray(res.scores), np.asarray(inrun.scores))  # the capture's own sums
+
+
+def test_captured_trak_takes_the_training_features_from_the_steps(ws):
+    from lightning_attrib import load_results
+
+    _, runs = ws.run(_command("callbacks=capture"))
+    res = load_results(runs[0] / "attrib")
+    info = res.manifest["train_features"]
+    assert res.manifest["method"] == "trak" and info["source"] == "GradientCapture snapshot windows"
+    assert set(info["captured_rows"].values()) == {N_TRAIN} and set(info["post_hoc_rows"].values()) == {0}
+    assert np.isfinite(np.asarray(res.scores)).all()
 
 
 def test_ensemble_of_seeds_is_the_mean_of_its_members(ws):
