@@ -243,3 +243,22 @@ def test_resumed_fit_gives_the_uninterrupted_result(tmp_path):
     resumed = fit(tmp_path / "parts", 6, ckpt_path=tmp_path / "parts" / "ckpt" / "last.ckpt")
     assert list(resumed.manifest["train_features"]["captured_rows"].values()) == [240, 240, 240]
     np.testing.assert_allclose(resumed.scores, whole.scores, rtol=1e-4, atol=1e-6 * np.abs(whole.scores).max())
+
+
+def test_dropout_keeps_auto_post_hoc_and_capture_forces_it(tmp_path):
+    """Dropout: training steps see another function than the eval-mode model TRAK attributes, so 'auto' stays post
+    hoc; train_features='capture' uses the capture anyway."""
+
+    class _Drop(_Net):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 10))
+
+    _fit(tmp_path / "a", _Drop(), [GradientCapture(query_dataset=None), CheckpointCapture(),
+                                   AttributionCallback(out_dir=tmp_path / "a" / "attrib", log_images=False)], epochs=1)
+    assert load_results(tmp_path / "a" / "attrib").manifest["train_features"].startswith("post-hoc")
+    _fit(tmp_path / "b", _Drop(), [GradientCapture(query_dataset=None), CheckpointCapture(),
+                                   AttributionCallback(out_dir=tmp_path / "b" / "attrib", log_images=False,
+                                                       train_features="capture")], epochs=1)
+    info = load_results(tmp_path / "b" / "attrib").manifest["train_features"]
+    assert info["source"] == "GradientCapture snapshot windows"

@@ -30,6 +30,15 @@ from .in_run import captured_tracin
 TRAIN_FEATURES = ("auto", "capture", "post-hoc")
 
 
+def _train_mode_layers(module: torch.nn.Module) -> str:
+    """Names of the layer kinds that behave differently in training (dropout with p > 0, batch norm), or ''."""
+    kinds = {type(m).__name__ for m in module.modules()
+             if (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+             or isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             or (isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0)}
+    return ", ".join(sorted(kinds))
+
+
 class AttributionCallback(Callback):
     """Computes training-data attribution at the end of `Trainer.fit`.
 
@@ -76,7 +85,8 @@ class AttributionCallback(Callback):
             on the same Trainer when it applies, with no second pass over the training set: in-run TracIn for
             `method="tracin"`; for TRAK each example's latest captured row before each `CheckpointCapture` snapshot
             (its margin feature and Q read exactly from the step's loss gradient and output, `core/windows.py`;
-            examples a window lacks are featurized post hoc), else post hoc with a warning saying why. "capture":
+            examples a window lacks are featurized post hoc), else post hoc with a warning saying why; a module
+            with dropout or batch norm (training steps differ from the eval-mode model) stays post hoc. "capture":
             the same, but an error (before training where it can be known) when the capture cannot be used.
             "post-hoc": always re-featurize the training set at every snapshot after training.
 
@@ -152,9 +162,9 @@ class AttributionCallback(Callback):
 
             ensure_writable_dir(self.out_dir, "AttributionCallback(out_dir)")
         if stage == "fit":
-            self._request_capture_windows(trainer)
+            self._request_capture_windows(trainer, pl_module)
 
-    def _request_capture_windows(self, trainer: L.Trainer) -> None:
+    def _request_capture_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """TRAK-like methods take their train features from a GradientCapture's snapshot windows (see train_features):
         ask the capture to keep them; with train_features="capture", say now what is missing."""
         if self.train_features == "post-hoc":
@@ -175,6 +185,12 @@ class AttributionCallback(Callback):
             problem = "there is no GradientCapture on the Trainer"
         elif not any(isinstance(c, CheckpointCapture) for c in trainer.callbacks):
             problem = "there is no CheckpointCapture on the Trainer (the windows end at its snapshots)"
+        elif self.train_features == "auto" and _train_mode_layers(pl_module):
+            # the training steps' gradients are of another function than the eval-mode model TRAK attributes
+            rank_zero_info(f"[lightning-attrib] TRAK's training features are computed post hoc: the module has "
+                           f"{_train_mode_layers(pl_module)} layers, which act differently in training steps; "
+                           "train_features='capture' takes them from the capture anyway")
+            return
         if problem is None:
             cap.request_windows()
         elif self.train_features == "capture":
