@@ -99,11 +99,13 @@ def test_zero_configuration_gives_standard_results_without_a_second_pass(tmp_pat
             final.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
     model = _Net()
-    cap = GradientCapture(query_dataset=None)
+    cap = GradientCapture()
     _fit(tmp_path, model, [cap, CheckpointCapture(), AttributionCallback(out_dir=tmp_path / "attrib",
                                                                           log_images=False), _Keep()])
     res = load_results(tmp_path / "attrib")
     assert res.scores.shape == (240, 40) and np.isfinite(res.scores).all()
+    # query_dataset="auto": no in-run TracIn pass over the queries at every step (TRAK would not use it)
+    assert cap.default_queries_released and cap.result is None and not (tmp_path / "inrun_tracin").exists()
     assert set(res.manifest["train_features"]["post_hoc_rows"].values()) == {0}
     assert res.manifest["features"]["train_features"].startswith("captured:")
     for k, v in model.state_dict().items():

@@ -167,11 +167,14 @@ class AttributionCallback(Callback):
     def _request_capture_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """TRAK-like methods take their train features from a GradientCapture's snapshot windows (see train_features):
         ask the capture to keep them; with train_features="capture", say now what is missing."""
-        if self.train_features == "post-hoc":
-            return
         method = self._method()
         cap = next((c for c in trainer.callbacks if isinstance(c, GradientCapture)), None)
-        if getattr(method, "name", None) == "tracin" and getattr(method, "lr", None) is None:
+        in_run = getattr(method, "name", None) == "tracin" and getattr(method, "lr", None) is None
+        if cap is not None and not (in_run and self.train_features != "post-hoc"):
+            cap.release_default_queries()   # its in-run TracIn scores would not be used
+        if self.train_features == "post-hoc":
+            return
+        if in_run:
             if cap is None and self.train_features == "capture":
                 raise ValueError("AttributionCallback(train_features='capture', method='tracin') needs a "
                                  "GradientCapture() on the Trainer: add one, or pass train_features='auto'")
@@ -228,8 +231,8 @@ class AttributionCallback(Callback):
                 self._truth_mask(trainer, train_ds)  # a mislabeled mask of the wrong length: now, not after training
                 self._check_display(train_ds)
             # snapshots from CheckpointCapture (or GradientCapture's steps) record the learning rate, which TracIn needs
-            records_lr = any(isinstance(c, CheckpointCapture) or (isinstance(c, GradientCapture) and c.query_dataset
-                                                                  is not None) for c in trainer.callbacks)
+            records_lr = any(isinstance(c, CheckpointCapture) or (isinstance(c, GradientCapture) and c.scores_queries)
+                             for c in trainer.callbacks)
             self.preflight_report = preflight(
                 pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
                 device=pl_module.device, snapshot_lr=1.0 if records_lr else None,

@@ -214,8 +214,9 @@ class GradientCapture(Callback):
             (`records`), which suits short runs only: 8 KB per example at proj_dim=2048.
         chunk_size: rows per chunk (buffer and file). Two chunk buffers of chunk_size x proj_dim float32
             are preallocated on the module's device (64 MB at the defaults).
-        query_dataset: queries known before training: "val" (default: the first validation dataset, if the
-            fit has one), a map-style dataset, or None. At every captured step the queries' projected loss
+        query_dataset: queries known before training: "auto" (default: the first validation dataset, if the fit
+            has one, unless an `AttributionCallback` on the Trainer computes another method than TracIn, which
+            would not use the in-run scores), "val" (the validation set in any case), a map-style dataset, or None. At every captured step the queries' projected loss
             gradients are computed at that step's weights (eval mode, before the optimizer step) and the in-run
             TracIn scores sum_t lr_t phi_t(z_i) . psi_t(z_q) accumulate during training: no snapshots, no second
             pass. The result is written at the end of fit (`load_results(result_dir)`) and kept in `result`.
@@ -230,7 +231,7 @@ class GradientCapture(Callback):
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
                  out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
-                 query_dataset: Dataset | str | None = "val", query_batch_size: int = 256,
+                 query_dataset: Dataset | str | None = "auto", query_batch_size: int = 256,
                  result_dir: str | os.PathLike | None = None):
         super().__init__()
         for name, val in (("proj_dim", proj_dim), ("every_n_steps", every_n_steps), ("chunk_size", chunk_size),
@@ -249,8 +250,8 @@ class GradientCapture(Callback):
         self.params, self.every_n_steps, self.ids_fn, self.reduction = params, every_n_steps, ids_fn, reduction
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.chunk_size = chunk_size
-        if not (query_dataset is None or query_dataset == "val" or hasattr(query_dataset, "__len__")):
-            raise TypeError(f"query_dataset must be 'val', None or a map-style dataset with __len__, got "
+        if not (query_dataset is None or query_dataset in ("auto", "val") or hasattr(query_dataset, "__len__")):
+            raise TypeError(f"query_dataset must be 'auto', 'val', None or a map-style dataset with __len__, got "
                             f"{type(query_dataset).__name__}")
         self.query_dataset, self.query_batch_size = query_dataset, query_batch_size
         self.result_dir = Path(result_dir) if result_dir is not None else None
@@ -277,6 +278,7 @@ class GradientCapture(Callback):
         self._writer: ThreadPoolExecutor | None = None
         # snapshot windows for TRAK (`core/windows.py`), asked for by an AttributionCallback before training
         self.windows_requested = False
+        self.default_queries_released = False   # query_dataset="auto" and the Trainer's AttributionCallback is not TracIn
         self.windows: SnapshotWindows | None = None
         self.window_steps: int | None = None
         self.windows_unused: str | None = None   # why the capture cannot give TRAK's train features (None: it can)
@@ -395,6 +397,16 @@ class GradientCapture(Callback):
         `core/windows.py`). Called by `AttributionCallback` before training; `windows_unused` says when it cannot."""
         self.windows_requested = True
 
+    def release_default_queries(self) -> None:
+        """With query_dataset="auto": no in-run TracIn query pass (the Trainer's AttributionCallback computes another
+        method). Called by `AttributionCallback` before training."""
+        self.default_queries_released = True
+
+    @property
+    def scores_queries(self) -> bool:
+        """Whether this capture will run the in-run TracIn query pass (and so record learning rates)."""
+        return self.query_dataset is not None and not (self.query_dataset == "auto" and self.default_queries_released)
+
     def _setup_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_windows()
         self.windows_unused = None
@@ -497,6 +509,8 @@ class GradientCapture(Callback):
         self._n_train = len(dataset) if hasattr(dataset, "__len__") else None
         self._recorder = BatchIndexRecorder.installed(loader) if self.ids_fn is None else None
         queries, collate = self.query_dataset, None
+        if queries == "auto":
+            queries = None if self.default_queries_released else "val"
         if queries == "val":
             val = first_loader(trainer.val_dataloaders)
             source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
@@ -514,7 +528,7 @@ class GradientCapture(Callback):
             raise ValueError("GradientCapture(query_dataset=...) needs a training dataset with __len__")
         need = self._n_train * len(queries) * 8
         if need > MAX_INRUN_BYTES:
-            raise ValueError(f"GradientCapture(query_dataset={'val' if self.query_dataset == 'val' else '...'}): the "
+            raise ValueError(f"GradientCapture(query_dataset={self.query_dataset if isinstance(self.query_dataset, str) else '...'}): the "
                              f"in-run score matrix ({self._n_train} x {len(queries)} float64) would take "
                              f"{need / 2**30:.1f} GiB; pass a smaller query_dataset, or query_dataset=None to capture "
                              "features only")
