@@ -264,3 +264,37 @@ def test_dropout_keeps_auto_post_hoc_and_capture_forces_it(tmp_path):
                                                        train_features="capture")], epochs=1)
     info = load_results(tmp_path / "b" / "attrib").manifest["train_features"]
     assert info["source"] == "GradientCapture snapshot windows"
+
+
+def test_training_step_calling_a_child_module_is_captured(tmp_path):
+    """HF style: the training step calls `self.model(x)` instead of `self(x)`; the child's output is the prediction.
+    A step that calls two children (a body and a head) separately is ambiguous: post hoc, with the reason."""
+
+    class _Child(_Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+    _fit(tmp_path / "a", _Child(), [GradientCapture(), CheckpointCapture(),
+                                    AttributionCallback(out_dir=tmp_path / "a" / "attrib", log_images=False)], epochs=2)
+    info = load_results(tmp_path / "a" / "attrib").manifest["train_features"]
+    assert info["source"] == "GradientCapture snapshot windows" and set(info["post_hoc_rows"].values()) == {0}
+
+    class _Parts(_Net):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Sequential(nn.Linear(64, 32), nn.Tanh()), nn.Linear(32, 10)
+            del self.net
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.body(x)), y)
+
+    with pytest.warns(RuntimeWarning, match="forward output"):
+        _fit(tmp_path / "b", _Parts(), [GradientCapture(), CheckpointCapture(),
+                                        AttributionCallback(out_dir=tmp_path / "b" / "attrib", log_images=False)],
+             epochs=1)
+    assert load_results(tmp_path / "b" / "attrib").manifest["train_features"].startswith("post-hoc")

@@ -307,7 +307,7 @@ class GradientCapture(Callback):
         self._row_meta: tuple = ()
         self._ids: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}   # step -> query features, until that step's chunk is scored
-        self._output: list | None = None   # windows: [prediction, its gradient] of each forward of the captured step
+        self._output: list | None = None   # windows: [prediction, its gradient, the tensor, outermost] per forward
         self._target: Any = None
         self._inputs: Any = None
 
@@ -429,30 +429,40 @@ class GradientCapture(Callback):
         self.windows = SnapshotWindows(root, self._n_train, self.projector.proj_dim, rank)
         self.windows.frozen.update(kept)
         self.window_steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
-        self._forward_hook = pl_module.register_forward_hook(self._on_output)
+        # the module's own forward, and its direct children's (a training step calling self.model(**batch))
+        self._forward_hook = [pl_module.register_forward_hook(partial(self._on_output, True))] + [
+            child.register_forward_hook(partial(self._on_output, False)) for child in pl_module.children()]
 
-    def _on_output(self, module: Any, args: Any, output: Any) -> None:
-        """The LightningModule's forward in a captured step: its prediction and (in the backward) its gradient."""
+    def _on_output(self, outermost: bool, module: Any, args: Any, output: Any) -> None:
+        """A forward of the LightningModule (outermost) or of a direct child in a captured step: its prediction and
+        (in the backward) its gradient, once per tensor."""
         if not self._active or self.windows is None:
             return
         try:
             pred = prediction_tensor(output)
         except TaskConfigError:
             return
-        if pred.requires_grad:
-            box = [pred.detach(), None]
-            pred.register_hook(lambda g: box.__setitem__(1, g.detach()))
-            self._output = [*(self._output or []), box]
+        if not pred.requires_grad:
+            return
+        for box in self._output or []:
+            if box[2] is pred:   # the module returned its child's output: one candidate, the outermost
+                box[3] = box[3] or outermost
+                return
+        box = [pred.detach(), None, pred, outermost]
+        pred.register_hook(lambda g: box.__setitem__(1, g.detach()))
+        self._output = [*(self._output or []), box]
 
     def _margin_ratios(self, n: int) -> tuple[Any, Any]:
         """(c, Q) of the captured batch's rows (NaN when they cannot be read: `core.windows.LossToMargin`)."""
         outs, self._output = self._output or [], None
         # the forward outputs of this step with one row per example that the loss used (a DDP wrapper's call
-        # through forward returns the scalar loss: not a candidate); two candidates: which one is unknown
-        outs = [(p, g) for p, g in outs if g is not None and p.dim() >= 1 and p.shape[0] == n]
+        # through forward returns the scalar loss: not a candidate); the LightningModule's own output first, else
+        # a single child's; two candidates: which one is the prediction is unknown
+        outs = [b for b in outs if b[1] is not None and b[0].dim() >= 1 and b[0].shape[0] == n]
+        outs = [b for b in outs if b[3]] or outs
         if len(outs) != 1 or self._target is None:
             return float("nan"), float("nan")
-        pred, grad = outs[0]
+        pred, grad = outs[0][0], outs[0][1]
         if self._to_margin is None:
             try:
                 self._to_margin = LossToMargin(detect_task(pred, self._target, self._inputs))
@@ -486,17 +496,17 @@ class GradientCapture(Callback):
         if self.windows is None:
             return None
         if self._to_margin is None:
-            self.windows_unused = ("no captured step showed the LightningModule's forward output (the training step "
-                                   "calls a submodule, not self(...)?)")
+            self.windows_unused = ("no captured step showed one prediction: neither the LightningModule's forward output "
+                                   "nor exactly one direct child's (the training step calls several submodules?)")
             return None
         return CapturedTrainSource(self.windows.root, self.window_steps, projector_kind(self.projector),
                                    dict(self.projector.layout), self.projector.layout_hash, list(self.param_names),
                                    self._to_margin.task.name)
 
     def _close_windows(self) -> None:
-        if self._forward_hook is not None:
-            self._forward_hook.remove()
-            self._forward_hook = None
+        for handle in self._forward_hook or []:
+            handle.remove()
+        self._forward_hook = None
         if self.windows is not None:
             windows, self.windows = self.windows, None
             self._wait()
@@ -638,6 +648,7 @@ class GradientCapture(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self._active:  # a step without backward (skipped, or no loss): no rows, no hooks left behind
             self._active = False
+            self._output = None
             self._close_recording()
             for lay in self._layers:
                 lay.fired = 0
