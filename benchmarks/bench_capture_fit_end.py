@@ -12,6 +12,7 @@ Runs under Lightning, each a fresh fit (same seed):
   trak/post-hoc      CheckpointCapture() (default: 3 snapshots spread) + AttributionCallback("trak")
   trak/captured      GradientCapture(projector="tensorsketch") + CheckpointCapture()
                      + AttributionCallback("trak", train_features="capture")  (TRAK's train side from the capture)
+  trak/captured/no-queries  the same with GradientCapture(..., query_dataset=None): no in-run query pass
   tracin/post-hoc    CheckpointCapture() + AttributionCallback("tracin")           (TracIn-CP over 3 snapshots)
   tracin/captured    GradientCapture() + AttributionCallback("tracin")             (in-run, queries = validation set)
   tracin/captured/every4  GradientCapture(every_n_steps=4) + AttributionCallback("tracin")
@@ -94,6 +95,11 @@ CONFIGS = {
                                 CheckpointCapture(dirpath=d / "snaps"),
                                 AttributionCallback("trak", out_dir=d / "a", log_images=False,
                                                     train_features="capture")],
+    # the same without GradientCapture's in-run query pass (query_dataset=None): the capture cost TRAK needs
+    "trak/captured/no-queries": lambda d: [GradientCapture(projector="tensorsketch", query_dataset=None),
+                                           CheckpointCapture(dirpath=d / "snaps"),
+                                           AttributionCallback("trak", out_dir=d / "a", log_images=False,
+                                                               train_features="capture")],
     "tracin/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"),
                                   AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
     "tracin/captured": lambda d: [GradientCapture(result_dir=d / "inrun"),
@@ -127,6 +133,7 @@ def main():
             continue
         row, res = run(callbacks, train_ds, val_ds, args, recipe, d)
         row["train_features"] = res.manifest.get("train_features", "post hoc")
+        row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score inside the fit-end work
         if args.subsets:
             lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
             row.update(lds=round(float(lds["lds"]), 4),
