@@ -8,7 +8,8 @@ Data, models and training recipes are bench_ensemble_lds.py's (`load`, `build`, 
 (5,000 / 500, 10 epochs), a 2-layer text transformer (2,000 / 200, Adam, 15 epochs), digits / synthetic MLP
 64-128-10. The queries are the validation set. The LDS ground truth is bench_ensemble_lds.py's cached subset
 retrainings (`ground_truth`, benchmarks/_work/truth/...; computed here when missing; `--subsets 0` skips LDS).
-Runs under Lightning, each a fresh fit (same seed):
+Runs under Lightning, each a fresh fit (same seed), `--repeats R` times each, rotated (medians reported):
+  plain              no callback: the training alone (train_over_plain = a run's training time / this one's)
   trak/post-hoc      CheckpointCapture() (default: 3 snapshots spread) + AttributionCallback("trak")
   trak/captured      GradientCapture(projector="tensorsketch") + CheckpointCapture()
                      + AttributionCallback("trak", train_features="capture")  (TRAK's train side from the capture)
@@ -82,12 +83,15 @@ def run(callbacks, train_ds, val_ds, args, recipe, work):
               callbacks=[*callbacks, timer]).fit(Lit(args.data, args.model, recipe),
                                                  DataLoader(train_ds, batch_size=recipe.batch, shuffle=True),
                                                  DataLoader(val_ds, batch_size=256))
-    attrib = next(c for c in callbacks if isinstance(c, AttributionCallback))
+    attrib = next((c for c in callbacks if isinstance(c, AttributionCallback)), None)
+    if attrib is None:
+        return {"train_s": round(timer.t1 - timer.t0, 3)}, None
     return {"train_s": round(timer.t1 - timer.t0, 3), "fit_end_s": round(timer.t2 - timer.t1, 3),
             "fit_end_over_train": round((timer.t2 - timer.t1) / (timer.t1 - timer.t0), 3)}, attrib.result
 
 
 CONFIGS = {
+    "plain": lambda d: [],   # the training alone (no callback): the reference for the capture overhead
     "trak/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"),
                                 AttributionCallback("trak", out_dir=d / "a", log_images=False)],
     # train_features= is being added to AttributionCallback; without it this raises TypeError (reported, skipped)
@@ -116,6 +120,7 @@ def main():
     ap.add_argument("--subsets", type=int, default=40, help="ground-truth subsets for LDS (0: no LDS)")
     ap.add_argument("--epochs", type=int, default=None, help="default: the model's recipe")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=1, help="fits per configuration (rotated); medians reported")
     args = ap.parse_args()
     (xt, yt), (xq, yq) = load(args.data)
     recipe = recipe_for(args.data, args.model, args.epochs)
@@ -123,23 +128,36 @@ def main():
         masks, truth = ground_truth(args.data, args.model, recipe, xt, yt, xq, yq, args.subsets)
     train_ds, val_ds = TensorDataset(xt, yt), TensorDataset(xq, yq)
     work = Path(tempfile.mkdtemp())
+    names = [n for n in args.configs.split(",") if n]
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):   # configurations rotated: machine load spreads over all of them
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            d = work / f"{name.replace('/', '_')}_{rep}"
+            try:
+                callbacks = CONFIGS[name](d)
+            except TypeError as err:   # an argument this tree's callbacks do not take yet
+                if rep == 0:
+                    print(f"{name}: not available in this tree ({err})", flush=True)
+                continue
+            row, res = run(callbacks, train_ds, val_ds, args, recipe, d)
+            if res is not None:
+                row["train_features"] = res.manifest.get("train_features", "post hoc")
+                row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score in the fit-end work
+                if args.subsets:
+                    lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
+                    row.update(lds=round(float(lds["lds"]), 4),
+                               ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
+            runs.setdefault(name, []).append(row)
+            print(name, json.dumps(row), flush=True)
+            shutil.rmtree(d, ignore_errors=True)
     rows = {}
-    for name in args.configs.split(","):
-        d = work / name.replace("/", "_")
-        try:
-            callbacks = CONFIGS[name](d)
-        except TypeError as err:   # an argument this tree's callbacks do not take yet
-            print(f"{name}: not available in this tree ({err})", flush=True)
-            continue
-        row, res = run(callbacks, train_ds, val_ds, args, recipe, d)
-        row["train_features"] = res.manifest.get("train_features", "post hoc")
-        row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score inside the fit-end work
-        if args.subsets:
-            lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
-            row.update(lds=round(float(lds["lds"]), 4),
-                       ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
-        rows[name] = row
-        print(name, json.dumps(row), flush=True)
+    for name, rs in runs.items():   # medians over the repeats; LDS and the rest from the first
+        rows[name] = {**rs[0], **{k: round(float(np.median([r[k] for r in rs])), 3)
+                                  for k in ("train_s", "fit_end_s", "fit_end_over_train") if k in rs[0]},
+                      "repeats": len(rs)}
+        if "plain" in runs and name != "plain":
+            rows[name]["train_over_plain"] = round(rows[name]["train_s"] / rows["plain"]["train_s"], 3)
+        print("median", name, json.dumps(rows[name]), flush=True)
     print(json.dumps({"data": args.data, "model": args.model or DEFAULT_MODEL[args.data], "n_train": len(xt),
                       "n_query": len(xq), "epochs": recipe.epochs, "subsets": args.subsets, "rows": rows}))
     shutil.rmtree(work, ignore_errors=True)
