@@ -1,13 +1,22 @@
 """Fit-end work vs training time at the defaults, post hoc vs with GradientCapture, and LDS of each.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py [--data digits|synthetic]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py [--data mnist5k|fashion|text|digits|synthetic]
+        [--model mlp|cnn|text] [--subsets 100] [--configs trak/post-hoc,trak/captured,...]
 
-An MLP 64-128-10 trained with Lightning (SGD momentum 0.9, wd 1e-4, lr 0.05, batch 128, 20 epochs; the same recipe
-as bench_ensemble_lds.py, whose subset retrainings give the LDS ground truth). Runs, each a fresh fit:
+Data, models and training recipes are bench_ensemble_lds.py's (`load`, `build`, `RECIPES`): MNIST-5k MLP 784-256-10
+(4,000 train / 500 queries, SGD momentum lr 0.05, batch 128, 20 epochs), Fashion-MNIST CNN conv16-conv32-fc10
+(5,000 / 500, 10 epochs), a 2-layer text transformer (2,000 / 200, Adam, 15 epochs), digits / synthetic MLP
+64-128-10. The queries are the validation set. The LDS ground truth is bench_ensemble_lds.py's cached subset
+retrainings (`ground_truth`, benchmarks/_work/truth/...; computed here when missing; `--subsets 0` skips LDS).
+Runs under Lightning, each a fresh fit (same seed), `--repeats R` times each, rotated (medians reported):
+  plain              no callback: the training alone (train_over_plain = a run's training time / this one's)
   trak/post-hoc      CheckpointCapture() (default: 3 snapshots spread) + AttributionCallback("trak")
+  trak/captured      GradientCapture(projector="tensorsketch") + CheckpointCapture()
+                     + AttributionCallback("trak", train_features="capture")  (TRAK's train side from the capture)
+  trak/captured/no-queries  the same with GradientCapture(..., query_dataset=None): no in-run query pass
   tracin/post-hoc    CheckpointCapture() + AttributionCallback("tracin")           (TracIn-CP over 3 snapshots)
   tracin/captured    GradientCapture() + AttributionCallback("tracin")             (in-run, queries = validation set)
-  tracin/captured/4  GradientCapture(every_n_steps=4) + AttributionCallback("tracin")
+  tracin/captured/every4  GradientCapture(every_n_steps=4) + AttributionCallback("tracin")
 Training time = on_train_start -> on_train_end (capture overhead included); fit-end = on_train_end -> the end
 of AttributionCallback.on_fit_end (featurize + fit + score + metrics).
 """
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -28,20 +38,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ensemble_lds import load, train  # noqa: E402
+from bench_ensemble_lds import DATA, DEFAULT_MODEL, RECIPES, build, ground_truth, load, recipe_for  # noqa: E402
 
 from lightning_attrib import AttributionCallback, CheckpointCapture, GradientCapture  # noqa: E402
-from lightning_attrib.core.outputs import margin_from_logits  # noqa: E402
-from lightning_attrib.evaluation.subsets import random_subset_masks  # noqa: E402
 from lightning_attrib.metrics.lds import linear_datamodeling_score  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 
 class Lit(L.LightningModule):
-    def __init__(self):
+    def __init__(self, data: str, model: str | None, recipe):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.net, self.recipe = build(data, model), recipe
 
     def forward(self, x):
         return self.net(x)
@@ -53,7 +61,7 @@ class Lit(L.LightningModule):
         return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        return self.recipe.make_optimizer(self.parameters())
 
 
 class Timer(L.Callback):
@@ -67,55 +75,92 @@ class Timer(L.Callback):
         self.t2 = time.perf_counter()
 
 
-def run(name, callbacks, train_ds, val_ds, epochs, work):
+def run(callbacks, train_ds, val_ds, args, recipe, work):
     torch.manual_seed(0)
     timer = Timer()
-    L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=work,
-              callbacks=[*callbacks, timer]).fit(Lit(), DataLoader(train_ds, batch_size=128, shuffle=True),
+    L.Trainer(accelerator="cpu", max_epochs=recipe.epochs, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=work,
+              callbacks=[*callbacks, timer]).fit(Lit(args.data, args.model, recipe),
+                                                 DataLoader(train_ds, batch_size=recipe.batch, shuffle=True),
                                                  DataLoader(val_ds, batch_size=256))
-    attrib = next(c for c in callbacks if isinstance(c, AttributionCallback))
+    attrib = next((c for c in callbacks if isinstance(c, AttributionCallback)), None)
+    if attrib is None:
+        return {"train_s": round(timer.t1 - timer.t0, 3)}, None
     return {"train_s": round(timer.t1 - timer.t0, 3), "fit_end_s": round(timer.t2 - timer.t1, 3),
             "fit_end_over_train": round((timer.t2 - timer.t1) / (timer.t1 - timer.t0), 3)}, attrib.result
 
 
+CONFIGS = {
+    "plain": lambda d: [],   # the training alone (no callback): the reference for the capture overhead
+    "trak/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"),
+                                AttributionCallback("trak", out_dir=d / "a", log_images=False)],
+    # train_features= is being added to AttributionCallback; without it this raises TypeError (reported, skipped)
+    "trak/captured": lambda d: [GradientCapture(projector="tensorsketch", result_dir=d / "inrun"),
+                                CheckpointCapture(dirpath=d / "snaps"),
+                                AttributionCallback("trak", out_dir=d / "a", log_images=False,
+                                                    train_features="capture")],
+    # the same without GradientCapture's in-run query pass (query_dataset=None): the capture cost TRAK needs
+    "trak/captured/no-queries": lambda d: [GradientCapture(projector="tensorsketch", query_dataset=None),
+                                           CheckpointCapture(dirpath=d / "snaps"),
+                                           AttributionCallback("trak", out_dir=d / "a", log_images=False,
+                                                               train_features="capture")],
+    "tracin/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"),
+                                  AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
+    "tracin/captured": lambda d: [GradientCapture(result_dir=d / "inrun"),
+                                  AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
+    "tracin/captured/every4": lambda d: [GradientCapture(every_n_steps=4, result_dir=d / "inrun"),
+                                         AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", choices=["digits", "synthetic"], default="digits")
-    ap.add_argument("--subsets", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--data", choices=DATA, default="digits")
+    ap.add_argument("--model", choices=sorted(RECIPES), default=None, help="default: per data set")
+    ap.add_argument("--subsets", type=int, default=40, help="ground-truth subsets for LDS (0: no LDS)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the model's recipe")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=1, help="fits per configuration (rotated); medians reported")
     args = ap.parse_args()
     (xt, yt), (xq, yq) = load(args.data)
-    masks = random_subset_masks(len(xt), args.subsets, 0.5, seed=0)
-    truth = []
-    for j in range(args.subsets):
-        keep = torch.from_numpy(masks[j])
-        model, _ = train(xt[keep], yt[keep], seed=1000 + j, epochs=args.epochs)
-        with torch.no_grad():
-            truth.append(margin_from_logits(model(xq), yq).double().numpy())
-    truth = np.stack(truth)
+    recipe = recipe_for(args.data, args.model, args.epochs)
+    if args.subsets:
+        masks, truth = ground_truth(args.data, args.model, recipe, xt, yt, xq, yq, args.subsets)
     train_ds, val_ds = TensorDataset(xt, yt), TensorDataset(xq, yq)
     work = Path(tempfile.mkdtemp())
-    configs = {
-        "trak/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"), AttributionCallback("trak", out_dir=d / "a",
-                                                                                                log_images=False)],
-        "tracin/post-hoc": lambda d: [CheckpointCapture(dirpath=d / "snaps"),
-                                      AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
-        "tracin/captured": lambda d: [GradientCapture(result_dir=d / "inrun"),
-                                      AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
-        "tracin/captured/every4": lambda d: [GradientCapture(every_n_steps=4, result_dir=d / "inrun"),
-                                             AttributionCallback("tracin", out_dir=d / "a", log_images=False)],
-    }
+    names = [n for n in args.configs.split(",") if n]
+    runs: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):   # configurations rotated: machine load spreads over all of them
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            d = work / f"{name.replace('/', '_')}_{rep}"
+            try:
+                callbacks = CONFIGS[name](d)
+            except TypeError as err:   # an argument this tree's callbacks do not take yet
+                if rep == 0:
+                    print(f"{name}: not available in this tree ({err})", flush=True)
+                continue
+            row, res = run(callbacks, train_ds, val_ds, args, recipe, d)
+            if res is not None:
+                row["train_features"] = res.manifest.get("train_features", "post hoc")
+                row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score in the fit-end work
+                if args.subsets:
+                    lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
+                    row.update(lds=round(float(lds["lds"]), 4),
+                               ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
+            runs.setdefault(name, []).append(row)
+            print(name, json.dumps(row), flush=True)
+            shutil.rmtree(d, ignore_errors=True)
     rows = {}
-    for name, make in configs.items():
-        d = work / name.replace("/", "_")
-        row, res = run(name, make(d), train_ds, val_ds, args.epochs, d)
-        lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
-        row.update(lds=round(float(lds["lds"]), 4), ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)],
-                   train_features=res.manifest.get("train_features", "post hoc"))
-        rows[name] = row
-        print(name, json.dumps(row), flush=True)
-    print(json.dumps({"data": args.data, "n_train": len(xt), "n_query": len(xq), "epochs": args.epochs, "rows": rows}))
+    for name, rs in runs.items():   # medians over the repeats; LDS and the rest from the first
+        rows[name] = {**rs[0], **{k: round(float(np.median([r[k] for r in rs])), 3)
+                                  for k in ("train_s", "fit_end_s", "fit_end_over_train") if k in rs[0]},
+                      "repeats": len(rs)}
+        if "plain" in runs and name != "plain":
+            rows[name]["train_over_plain"] = round(rows[name]["train_s"] / rows["plain"]["train_s"], 3)
+        print("median", name, json.dumps(rows[name]), flush=True)
+    print(json.dumps({"data": args.data, "model": args.model or DEFAULT_MODEL[args.data], "n_train": len(xt),
+                      "n_query": len(xq), "epochs": recipe.epochs, "subsets": args.subsets, "rows": rows}))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
