@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor
-from lightning_attrib.core import pipeline as pipeline_mod
+from lightning_attrib.core import scorer as scorer_mod
 from lightning_attrib.core.dist import LocalDist
 from lightning_attrib.core.linalg import (DampedInverse, DualDampedInverse, IllConditionedKernelWarning, TrainGram,
                                           estimate_condition, use_dual_form)
@@ -93,7 +93,7 @@ def test_pipeline_dual_form_equals_primal(tmp_path, monkeypatch, damping):
     model, train, query = _problem()
     kw = dict(proj_dim=128, projector="rademacher", score_dtype="float64")
     dual = Attributor(model, TRAK(damping=damping), train, query, tmp_path / "dual", **kw).run()
-    monkeypatch.setattr(pipeline_mod, "use_dual_form", lambda n, k: False)
+    monkeypatch.setattr(scorer_mod, "use_dual_form", lambda n, k: False)
     primal = Attributor(model, TRAK(damping=damping), train, query, tmp_path / "primal", **kw).run()
     assert dual.manifest["kernel_form"] == "dual" and primal.manifest["kernel_form"] == "primal"
     for a, b in ((dual.scores, primal.scores), (dual.self_influence, primal.self_influence)):

@@ -21,6 +21,7 @@ parts' Q). For one part (multi-class, binary, one regression output) this is the
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -53,14 +54,28 @@ class ModelInputs:
 
 
 def _forward_signature(module: nn.Module) -> tuple[int, int, set[str], bool]:
-    """(required positional, max positional (large for *args), keyword names, accepts **kwargs) of module.forward."""
+    """(required positional, max positional (large for *args), keyword names, accepts **kwargs) of module.forward;
+    computed once per forward function (the batch reader runs on every batch, also inside training steps)."""
+    forward = module.forward
+    func = getattr(forward, "__func__", None)
+    if func is not None:
+        return _method_signature(func)
+    return _signature_counts(forward, skip_first=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _method_signature(func: Callable) -> tuple[int, int, set[str], bool]:
+    return _signature_counts(func, skip_first=True)
+
+
+def _signature_counts(fn: Callable, skip_first: bool) -> tuple[int, int, set[str], bool]:
     try:
-        sig = inspect.signature(module.forward)
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return 1, 1 << 30, set(), True
     req = n_pos = 0
     names, var_kw = set(), False
-    for p in sig.parameters.values():
+    for p in params[1:] if skip_first else params:   # a method's function: `self` first
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             n_pos += 1
             req += p.default is p.empty
@@ -70,7 +85,7 @@ def _forward_signature(module: nn.Module) -> tuple[int, int, set[str], bool]:
             names.add(p.name)
         if p.kind == p.VAR_KEYWORD:
             var_kw = True
-    return req, n_pos, names, var_kw
+    return req, n_pos, frozenset(names), var_kw
 
 
 def read_batch(module: nn.Module, batch: Any) -> tuple[ModelInputs, Any]:
