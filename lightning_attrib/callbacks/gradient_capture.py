@@ -606,18 +606,18 @@ class GradientCapture(Callback):
         lay = self._by_name.get(layer.name)
         if lay is None:
             return
-        n = int(terms[0].a.shape[0])
+        n = int(terms[0].n)
         if self._n is None:
-            self._begin(n, terms[0].a)
+            self._begin(n, terms[0].dtype, terms[0].device)
         elif n != self._n:
             raise ValueError(f"GradientCapture: layer {layer.name!r} saw {n} examples in a batch of {self._n}: "
                              "its per-example gradient cannot be read; exclude it with params=")
         dtype, r0 = self._dtype, self._r0
-        if any(t.a.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
+        if any(t.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
             terms = [t.to(dtype) for t in terms]
         with self._no_autocast:
             t = terms[0]
-            if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.a.shape[1] == 1:
+            if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.positions == 1:
                 self._store_sides(lay, t.d[:, 0], t.a[:, 0], r0, n)
             else:
                 feats = self._chunk.features[r0:r0 + n]
@@ -625,8 +625,7 @@ class GradientCapture(Callback):
                     ch, i = self._chunk, lay.index
                     self._sides.add(lay, feats, ch.d[i][r0:r0 + n], ch.a[i][r0:r0 + n])
                     lay.vec = False
-                scaled = [Term(t.a * self._scale, t.d, t.index, t.row0) for t in terms]
-                self.projector._combine(feats, [(lay.plan, scaled)], self._offsets)
+                self.projector._combine(feats, [(lay.plan, terms)], self._offsets, self._scale)
         lay.fired += 1
 
     def _store_sides(self, lay: _Layer, d: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
@@ -653,19 +652,19 @@ class GradientCapture(Callback):
         return (None if p_out is None else p_out * (plan.scale * scale),
                 self.projector.factor(plan, "in", dtype, device))
 
-    def _begin(self, n: int, a: torch.Tensor) -> None:
+    def _begin(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
         """First layer of a captured batch's backward: reserve (and zero) rows, set this batch's loss scale."""
         self._scale = self._base_scale * (n if self.reduction == "mean" else 1)
-        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         ch = self._chunk
-        if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != a.device:
+        if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != device:
             self._emit()
-            self._next_buffer(max(self.chunk_size, n), dtype, a.device)
-        key = (self._scale, dtype, a.device)
+            self._next_buffer(max(self.chunk_size, n), dtype, device)
+        key = (self._scale, dtype, device)
         if key != self._factor_key and not self._sides.tensor:   # Kronecker: (P_out * scale, P_in) per layer
-            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, a.device) for lay in self._layers]
+            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, device) for lay in self._layers]
         self._factor_key = key
-        self._no_autocast = _no_autocast(a.device)
+        self._no_autocast = _no_autocast(device)
         self._dtype = dtype
         self._r0 = self._chunk.rows
         self._n = n
