@@ -79,6 +79,7 @@ from ..core.layers import SUPPORTED, Layer, Term
 from .loaders import first_loader
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
+EXPAND_ROWS = 512                  # rows per block when a chunk's rank-one sides are turned into features
 PENDING_QUERY_BYTES = 256 << 20    # query features of captured steps not yet scored: a chunk is emitted beyond this
 MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training
 _RANK_ONE_KINDS = ("linear", "hf_conv1d")
@@ -143,12 +144,21 @@ class _Chunk:
         leaves this chunk as it is); return the filled rows."""
         rows = self.rows
         feats = self.features[:rows] if out is None else out
-        for lay in sides.layers:
-            if self.a[lay.index] is None:
-                continue
-            for lo, hi in runs(self.factored[lay.index, :rows]):
-                if self.factored[lay.index, lo]:
-                    sides.add(lay, feats[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
+        for b0 in range(0, rows, EXPAND_ROWS):   # row blocks: bounded temporaries (outer products, spectra)
+            b1 = min(rows, b0 + EXPAND_ROWS)
+            spectrum = sides.spectrum(b1 - b0, self.dtype, self.device)   # tensor sketch: FFT layers' sum
+            used = False
+            for lay in sides.layers:
+                if self.a[lay.index] is None:
+                    continue
+                for lo, hi in runs(self.factored[lay.index, b0:b1]):
+                    if self.factored[lay.index, b0 + lo]:
+                        r0, r1 = b0 + lo, b0 + hi
+                        sides.add(lay, feats[r0:r1], self.d[lay.index][r0:r1], self.a[lay.index][r0:r1],
+                                  None if spectrum is None else spectrum[lo:hi])
+                        used = True
+            if used and spectrum is not None:
+                feats[b0:b1] += torch.fft.irfft(spectrum, n=feats.shape[1], dim=1).float()
         if release:  # kept in memory: the sides are not needed any more
             self.a = [None] * len(self.a)
             self.d = [None] * len(self.d)
@@ -174,14 +184,18 @@ class _Sides:
         self.projector, self.layers = projector, layers
         self.tensor = isinstance(projector, TensorSketchProjector)
 
-    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> None:
+    def spectrum(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Tensor sketch: a zeroed (rows, s // 2 + 1) spectrum that the FFT-path layers of a row block add into
+        (inverted once per block, not once per layer); None for Kronecker."""
+        if not self.tensor:
+            return None
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return torch.zeros(rows, self.projector.proj_dim // 2 + 1, dtype=cdtype, device=device)
+
+    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
+            spectrum: torch.Tensor | None = None) -> None:
         if self.tensor:
-            p, plan, s = self.projector, lay.plan, self.projector.proj_dim
-            b_out, s_out = p._side(plan, "out", d.dtype, d.device)
-            b_in, s_in = p._side(plan, "in", a.dtype, a.device)
-            spec = torch.fft.rfft(p._sketch_rows(d, b_out, s_out, s), dim=1) * torch.fft.rfft(
-                p._sketch_rows(a, b_in, s_in, s), dim=1)
-            features += torch.fft.irfft(spec, n=s, dim=1).float()
+            self.projector.add_rank_one(lay.plan, features, d, a, spectrum)
             return
         n, start, full, rem, k_in = d.shape[0], lay.start, lay.full, lay.rem, lay.plan.k_in
         torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))

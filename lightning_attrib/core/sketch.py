@@ -429,6 +429,30 @@ class TensorSketchProjector(HookedProjector):
             else:
                 out.add_(vals.new_zeros(out.shape).index_add_(1, buckets, vals).to(out.dtype))
 
+    def add_rank_one(self, layer: LayerPlan, out: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
+                     spectrum: torch.Tensor | None = None) -> None:
+        """out (B, s) += the count sketches of rank-one gradients d_b a_b^T (d: (B, d_out), a: (B, d_in)): formed and
+        scattered where that is cheaper (`_via_gradient` at one position: small layers, e.g. a classifier head),
+        else by FFT of the sides' sketches, added into `spectrum` (B, s // 2 + 1) when given (the caller inverts
+        the sum of several layers once) or inverted here."""
+        s = layer.dim
+        if type(self)._via_gradient(layer, 1):
+            buckets, signs = self._pair_hash(layer, d.dtype, d.device)
+            g = (d[:, :, None] * a[:, None, :]).reshape(d.shape[0], -1).mul_(signs)
+            if out.dtype == g.dtype:
+                out.index_add_(1, buckets, g)
+            else:
+                out.add_(g.new_zeros(out.shape).index_add_(1, buckets, g).to(out.dtype))
+            return
+        b_out, s_out = self._side(layer, "out", d.dtype, d.device)
+        b_in, s_in = self._side(layer, "in", a.dtype, a.device)
+        spec = torch.fft.rfft(self._sketch_rows(d, b_out, s_out, s), dim=1) * torch.fft.rfft(
+            self._sketch_rows(a, b_in, s_in, s), dim=1)
+        if spectrum is not None:
+            spectrum.add_(spec)
+        else:
+            out += torch.fft.irfft(spec, n=s, dim=1).to(out.dtype)
+
     def _combine(self, feats, records, offsets, scale=1.0):
         spectrum = None   # FFT-path layers: spectra add up, one inverse FFT at the end
         for layer, terms in records:
