@@ -311,10 +311,15 @@ class KroneckerProjector(HookedProjector):
             for term in terms:
                 dt, dev = term.dtype, term.device
                 p_out, p_in = self.factor(layer, "out", dt, dev), self.factor(layer, "in", dt, dev)
-                d_proj = (term.out_dense(layer.d_out) if p_out is None else term.out_times(p_out)) * (layer.scale * scale)
-                block = block + torch.einsum("bto,bti->boi", d_proj, term.in_times(p_in)).reshape(n, -1)
+                d_proj = term.out_dense(layer.d_out) if p_out is None else term.out_times(p_out)
+                a_proj = term.in_times(p_in)
+                if a_proj.shape[-1] < d_proj.shape[-1]:   # the bmm with the wider output rows (2-3x faster when narrow)
+                    outer = torch.bmm(a_proj.transpose(1, 2), d_proj).transpose(1, 2)
+                else:
+                    outer = torch.bmm(d_proj.transpose(1, 2), a_proj)
+                block = block + outer.reshape(n, -1)
             start = offsets[layer.name]
-            feats[:, start:start + layer.dim] += block[:, :layer.dim]
+            feats[:, start:start + layer.dim].add_(block[:, :layer.dim], alpha=layer.scale * scale)
 
 
 class TensorSketchProjector(HookedProjector):
@@ -406,13 +411,21 @@ class TensorSketchProjector(HookedProjector):
         n = term.a.shape[0]
         return vals.new_zeros(n, layer.dim).scatter_add_(1, buckets.reshape(n, -1), vals.reshape(n, -1))
 
-    def _pair_hash_block(self, layer: LayerPlan, rows: slice, cols: slice, dtype: torch.dtype,
+    def _pair_hash_block(self, layer: LayerPlan, rows: slice, cols: slice | torch.Tensor, dtype: torch.dtype,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair hash of G[rows, cols] in `Term.gradient_blocks`' transposed (col, row) order, flattened."""
-        def make():
+        """The pair hash of G[rows, cols] in `Term.gradient_blocks`' transposed (col, row) order, flattened (cached
+        for a slice of columns; gathered from the cached transposed hash for an index tensor)."""
+        def transposed():
             buckets, signs = self._pair_hash(layer, dtype, device)
-            pick = lambda v: v.view(layer.d_out, layer.d_in)[rows, cols].t().reshape(-1)   # noqa: E731
-            return pick(buckets), pick(signs)
+            return (buckets.view(layer.d_out, layer.d_in).t().contiguous(),
+                    signs.view(layer.d_out, layer.d_in).t().contiguous())
+        if isinstance(cols, torch.Tensor):
+            b_t, s_t = self._cached((layer.name, "pairs-t", dtype, device), transposed)
+            return b_t[cols, rows].reshape(-1), s_t[cols, rows].reshape(-1)
+
+        def make():
+            b_t, s_t = self._cached((layer.name, "pairs-t", dtype, device), transposed)
+            return b_t[cols, rows].reshape(-1), s_t[cols, rows].reshape(-1)
         return self._cached((layer.name, "pairs", rows.start, rows.stop, cols.start, cols.stop, cols.step, dtype,
                              device), make)
 
