@@ -327,3 +327,57 @@ def test_a_layer_fed_sequence_first_outside_transformer_layers_is_refused_not_mi
     proj = make_projector("tensorsketch", SeqFirst().double(), resolve_output("loss"), None, proj_dim=8, seed=0)
     with pytest.raises(ValueError, match="not the batch"):
         proj((torch.randn(5, 7, 4, dtype=torch.float64), torch.randint(0, 3, (5,))))
+
+
+class _ConvNet(nn.Module):
+    """Convolutions on every `ConvTerm` path: stride 1 with >= 64 patch features (shifted windows: plain, dilated with
+    reflect padding, no bias, a Conv1d), and a strided one (unfold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(8, 6, 3, padding=1)                                         # 72 patch features
+        self.c2 = nn.Conv2d(6, 5, (3, 4), dilation=(2, 1), padding=(2, 1), padding_mode="reflect", bias=False)
+        self.c3 = nn.Conv2d(5, 4, 2, stride=2)                                          # strided: unfold
+        self.c4 = nn.Conv1d(16, 3, 5, padding=2)                                        # 80 patch features
+        self.head = nn.Linear(4 * 3 * 2 + 3 * 5, 3)
+
+    def forward(self, x):
+        h = self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x)))))                        # (B, 4, 3, 2)
+        s = self.c4(x.flatten(2)[:, :, :10].reshape(x.shape[0], 16, 5))                # (B, 3, 5)
+        return self.head(torch.cat([h.flatten(1), s.flatten(1)], 1))
+
+
+def test_conv_terms_shifted_windows_and_conv_projection_equal_per_example_gradients():
+    """`ConvTerm.gradient_blocks` (shifted windows / unfold) assembles G exactly; `in_times` (a convolution with the
+    matrix as kernel) equals the unfolded patches times the matrix; both sketches equal the explicit projection."""
+    torch.manual_seed(0)
+    module = _ConvNet().double()
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(5, 8, 7, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
+    output = resolve_output("loss")
+    names = [n for n, _ in module.named_parameters()]
+    engine = LayerEngine(module, names)
+    assert {la.name: la.kind for la in engine.layers if la.name != "head"} == {
+        "c1": "conv2d", "c2": "conv2d", "c3": "conv2d", "c4": "conv1d"}
+    _, records = engine.run(output, batch)
+    ref = _reference_grads(module, output, names, batch)
+    for layer, terms in records:
+        (t,) = terms
+        mat = torch.randn(layer.d_in, 7, generator=g, dtype=torch.float64)
+        if layer.kind.startswith("conv"):
+            plain = t.in_times(mat)                     # the convolution, before `a` is ever unfolded
+            assert t._a is None, layer.name
+            torch.testing.assert_close(plain, t.a @ mat, msg=layer.name)
+        expected = layer.to_matrix([ref[n] for n in layer.param_names])
+        G = torch.zeros_like(expected)
+        covered = torch.zeros(layer.d_in, dtype=torch.int64)
+        for cols, block in t.gradient_blocks():
+            G[:, :, cols] += block.transpose(1, 2)
+            covered[cols] += 1
+        assert (covered == 1).all(), layer.name   # the blocks tile the columns of G exactly once
+        torch.testing.assert_close(G, expected, rtol=1e-6, atol=1e-8, msg=layer.name)   # float32 reference
+    for kind in ("tensorsketch", "factorized"):
+        proj = make_projector(kind, module, output, None, proj_dim=64, seed=1)
+        feats = proj(batch).double()
+        ref_feats = _explicit(proj, module, output, batch)
+        torch.testing.assert_close(feats, ref_feats, rtol=1e-5, atol=1e-6 * ref_feats.abs().max().item(), msg=kind)

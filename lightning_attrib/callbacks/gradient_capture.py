@@ -81,6 +81,7 @@ from ..core.windows import CapturedTrainSource, LossToMargin, SnapshotWindows
 from .loaders import first_loader
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
+EXPAND_ROWS = 512                  # rows per block when a chunk's rank-one sides are turned into features
 PENDING_QUERY_BYTES = 256 << 20    # query features of captured steps not yet scored: a chunk is emitted beyond this
 MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training
 _RANK_ONE_KINDS = ("linear", "hf_conv1d")
@@ -145,12 +146,21 @@ class _Chunk:
         leaves this chunk as it is); return the filled rows."""
         rows = self.rows
         feats = self.features[:rows] if out is None else out
-        for lay in sides.layers:
-            if self.a[lay.index] is None:
-                continue
-            for lo, hi in runs(self.factored[lay.index, :rows]):
-                if self.factored[lay.index, lo]:
-                    sides.add(lay, feats[lo:hi], self.d[lay.index][lo:hi], self.a[lay.index][lo:hi])
+        for b0 in range(0, rows, EXPAND_ROWS):   # row blocks: bounded temporaries (outer products, spectra)
+            b1 = min(rows, b0 + EXPAND_ROWS)
+            spectrum = sides.spectrum(b1 - b0, self.dtype, self.device)   # tensor sketch: FFT layers' sum
+            used = False
+            for lay in sides.layers:
+                if self.a[lay.index] is None:
+                    continue
+                for lo, hi in runs(self.factored[lay.index, b0:b1]):
+                    if self.factored[lay.index, b0 + lo]:
+                        r0, r1 = b0 + lo, b0 + hi
+                        sides.add(lay, feats[r0:r1], self.d[lay.index][r0:r1], self.a[lay.index][r0:r1],
+                                  None if spectrum is None else spectrum[lo:hi])
+                        used = True
+            if used and spectrum is not None:
+                feats[b0:b1] += torch.fft.irfft(spectrum, n=feats.shape[1], dim=1).float()
         if release:  # kept in memory: the sides are not needed any more
             self.a = [None] * len(self.a)
             self.d = [None] * len(self.d)
@@ -176,14 +186,18 @@ class _Sides:
         self.projector, self.layers = projector, layers
         self.tensor = isinstance(projector, TensorSketchProjector)
 
-    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> None:
+    def spectrum(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Tensor sketch: a zeroed (rows, s // 2 + 1) spectrum that the FFT-path layers of a row block add into
+        (inverted once per block, not once per layer); None for Kronecker."""
+        if not self.tensor:
+            return None
+        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return torch.zeros(rows, self.projector.proj_dim // 2 + 1, dtype=cdtype, device=device)
+
+    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
+            spectrum: torch.Tensor | None = None) -> None:
         if self.tensor:
-            p, plan, s = self.projector, lay.plan, self.projector.proj_dim
-            b_out, s_out = p._side(plan, "out", d.dtype, d.device)
-            b_in, s_in = p._side(plan, "in", a.dtype, a.device)
-            spec = torch.fft.rfft(p._sketch_rows(d, b_out, s_out, s), dim=1) * torch.fft.rfft(
-                p._sketch_rows(a, b_in, s_in, s), dim=1)
-            features += torch.fft.irfft(spec, n=s, dim=1).float()
+            self.projector.add_rank_one(lay.plan, features, d, a, spectrum)
             return
         n, start, full, rem, k_in = d.shape[0], lay.start, lay.full, lay.rem, lay.plan.k_in
         torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))
@@ -759,18 +773,18 @@ class GradientCapture(Callback):
         lay = self._by_name.get(layer.name)
         if lay is None:
             return
-        n = int(terms[0].a.shape[0])
+        n = int(terms[0].n)
         if self._n is None:
-            self._begin(n, terms[0].a)
+            self._begin(n, terms[0].dtype, terms[0].device)
         elif n != self._n:
             raise ValueError(f"GradientCapture: layer {layer.name!r} saw {n} examples in a batch of {self._n}: "
                              "its per-example gradient cannot be read; exclude it with params=")
         dtype, r0 = self._dtype, self._r0
-        if any(t.a.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
+        if any(t.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
             terms = [t.to(dtype) for t in terms]
         with self._no_autocast:
             t = terms[0]
-            if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.a.shape[1] == 1:
+            if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.positions == 1:
                 self._store_sides(lay, t.d[:, 0], t.a[:, 0], r0, n)
             else:
                 feats = self._chunk.features[r0:r0 + n]
@@ -778,8 +792,7 @@ class GradientCapture(Callback):
                     ch, i = self._chunk, lay.index
                     self._sides.add(lay, feats, ch.d[i][r0:r0 + n], ch.a[i][r0:r0 + n])
                     lay.vec = False
-                scaled = [Term(t.a * self._scale, t.d, t.index, t.row0) for t in terms]
-                self.projector._combine(feats, [(lay.plan, scaled)], self._offsets)
+                self.projector._combine(feats, [(lay.plan, terms)], self._offsets, self._scale)
         lay.fired += 1
 
     def _store_sides(self, lay: _Layer, d: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
@@ -806,19 +819,19 @@ class GradientCapture(Callback):
         return (None if p_out is None else p_out * (plan.scale * scale),
                 self.projector.factor(plan, "in", dtype, device))
 
-    def _begin(self, n: int, a: torch.Tensor) -> None:
+    def _begin(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
         """First layer of a captured batch's backward: reserve (and zero) rows, set this batch's loss scale."""
         self._scale = self._base_scale * (n if self.reduction == "mean" else 1)
-        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         ch = self._chunk
-        if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != a.device:
+        if ch is None or ch.rows + n > ch.cap or ch.dtype != dtype or ch.device != device:
             self._emit()
-            self._next_buffer(max(self.chunk_size, n), dtype, a.device)
-        key = (self._scale, dtype, a.device)
+            self._next_buffer(max(self.chunk_size, n), dtype, device)
+        key = (self._scale, dtype, device)
         if key != self._factor_key and not self._sides.tensor:   # Kronecker: (P_out * scale, P_in) per layer
-            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, a.device) for lay in self._layers]
+            self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, device) for lay in self._layers]
         self._factor_key = key
-        self._no_autocast = _no_autocast(a.device)
+        self._no_autocast = _no_autocast(device)
         self._dtype = dtype
         self._r0 = self._chunk.rows
         self._n = n
