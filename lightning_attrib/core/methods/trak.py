@@ -28,7 +28,9 @@ def resolve_damping(kernel: torch.Tensor, damping: float | None, damping_ratio: 
     if damping is not None:
         return float(damping)
     k = dim if dim is not None else kernel.shape[0]
-    trace = torch.trace(kernel.double()).item() if dim is None else kernel.double().pow(2).sum().item()
+    # trace(Phi^T Phi) = ||Phi||_F^2, accumulated in float64 without a float64 copy of the rows
+    trace = (torch.trace(kernel.double()).item() if dim is None
+             else torch.linalg.vector_norm(kernel, dtype=torch.float64).item() ** 2)
     return float(damping_ratio * trace / k)
 
 
