@@ -3,7 +3,7 @@ accumulated from float32 shards.
 
 `DampedInverse` holds (K + lambda I)^-1 of a training kernel K = Phi^T Phi (k x k) as a float64 Cholesky factor;
 `DualDampedInverse` holds the same operator through the n x n Gram matrix G = Phi Phi^T (Woodbury), cheaper
-when n_train < k. Both apply the operator to rows (`apply`) and give the quadratic forms x^T (K + lambda I)^-1 x
+when n_train < 1.1 k (`use_dual_form`). Both apply the operator to rows (`apply`) and give the quadratic forms x^T (K + lambda I)^-1 x
 (`quadratic`) used for self-influence. The condition number is bounded for free from the trace (K is PSD:
 lambda_max(K) <= trace(K), so cond <= (trace + lambda) / lambda = k + 1 at the default lambda = trace(K) / k),
 and estimated by a few power / inverse iterations only when that bound is not already small.
@@ -165,7 +165,7 @@ class DampedInverse:
 
 
 class DualDampedInverse:
-    """The same operator (Phi^T Phi + damping I)^-1 from the training rows Phi (n, k) when n < k (damping > 0):
+    """The same operator (Phi^T Phi + damping I)^-1 from the training rows Phi (n, k) when n < 1.1 k (damping > 0):
     Woodbury, (I - Phi^T (G + damping I)^-1 Phi) / damping with G = Phi Phi^T, n x n instead of k x k.
 
     The products with Phi run in Phi's dtype (float32 rows, the pipeline's default: float32 BLAS summed into

@@ -37,8 +37,9 @@ def resolve_damping(kernel: torch.Tensor, damping: float | None, damping_ratio: 
 class TRAK(FeatureMethod):
     """TRAK with margin-gradient features, float64 damped kernel inverse per snapshot, and the Q term.
 
-    The inverse is held as a Cholesky factor (no eigendecomposition); with fewer training examples than
-    features (n < k) the pipeline hands the training rows instead of the kernel and the n x n dual form is used.
+    The inverse is held as a Cholesky factor (no eigendecomposition); below n = 1.1 k training examples (the
+    measured crossover, `core.linalg.use_dual_form`) the pipeline hands the training rows instead of the kernel and
+    the n x n dual form is used.
     """
 
     name = "trak"
