@@ -3,8 +3,8 @@ accumulated from float32 shards.
 
 `DampedInverse` holds (K + lambda I)^-1 of a training kernel K = Phi^T Phi (k x k) as a float64 Cholesky factor;
 `DualDampedInverse` holds the same operator through the n x n Gram matrix G = Phi Phi^T (Woodbury), cheaper
-when n_train < 1.1 k (`use_dual_form`). Both apply the operator to rows (`apply`) and give the quadratic forms x^T (K + lambda I)^-1 x
-(`quadratic`) used for self-influence. The condition number is bounded for free from the trace (K is PSD:
+when n_train < 1.1 k (`use_dual_form`). Both apply the operator to rows (`apply`) and give the quadratic forms
+x^T (K + lambda I)^-1 x (`quadratic`) used for self-influence. The condition number is bounded for free from the trace (K is PSD:
 lambda_max(K) <= trace(K), so cond <= (trace + lambda) / lambda = k + 1 at the default lambda = trace(K) / k),
 and estimated by a few power / inverse iterations only when that bound is not already small.
 
