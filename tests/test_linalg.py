@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor
+from lightning_attrib.core import linalg as linalg_mod
 from lightning_attrib.core import pipeline as pipeline_mod
 from lightning_attrib.core.dist import LocalDist
 from lightning_attrib.core.linalg import (DampedInverse, DualDampedInverse, IllConditionedKernelWarning, TrainGram,
@@ -106,6 +107,12 @@ def test_gram_lower_and_inverse_diagonal_match_dense_references(dtype, rows):
     mat = want + float(torch.trace(want)) / want.shape[0] * torch.eye(want.shape[0], dtype=torch.float64)
     chol = torch.linalg.cholesky(mat)
     torch.testing.assert_close(inverse_diagonal(chol), torch.diagonal(torch.linalg.inv(mat)), rtol=1e-10, atol=0)
+    # the paths taken off the CPU (GPU): one GEMM (here forced by a non-contiguous input), a triangular solve
+    strided = x.T.contiguous().T
+    got = symmetrize_(gram_lower(strided, rows=rows).double())
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    torch.testing.assert_close(linalg_mod._inverse_diagonal_torch(chol), torch.diagonal(torch.linalg.inv(mat)),
+                               rtol=1e-10, atol=0)
 
 
 def _problem(n=45, nq=6, seed=0):
@@ -116,12 +123,21 @@ def _problem(n=45, nq=6, seed=0):
     return model, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
 
 
+def _dual_switch_owner():
+    """The module whose `use_dual_form` the pipeline calls (core/scorer.py after the Attributor split)."""
+    try:
+        from lightning_attrib.core import scorer
+    except ImportError:
+        return pipeline_mod
+    return scorer
+
+
 @pytest.mark.parametrize("damping", [None, 0.05])
 def test_pipeline_dual_form_equals_primal(tmp_path, monkeypatch, damping):
     model, train, query = _problem()
     kw = dict(proj_dim=128, projector="rademacher", score_dtype="float64")
     dual = Attributor(model, TRAK(damping=damping), train, query, tmp_path / "dual", **kw).run()
-    monkeypatch.setattr(pipeline_mod, "use_dual_form", lambda n, k: False)
+    monkeypatch.setattr(_dual_switch_owner(), "use_dual_form", lambda n, k: False)
     primal = Attributor(model, TRAK(damping=damping), train, query, tmp_path / "primal", **kw).run()
     assert dual.manifest["kernel_form"] == "dual" and primal.manifest["kernel_form"] == "primal"
     for a, b in ((dual.scores, primal.scores), (dual.self_influence, primal.self_influence)):

@@ -60,6 +60,11 @@ def inverse_diagonal(chol: torch.Tensor) -> torch.Tensor:
         inv_t, info = (lapack.dtrtri if chol.dtype == torch.float64 else lapack.strtri)(chol.numpy().T, lower=0)
         if info == 0:
             return torch.from_numpy(inv_t).pow(2).sum(1)
+    return _inverse_diagonal_torch(chol)
+
+
+def _inverse_diagonal_torch(chol: torch.Tensor) -> torch.Tensor:
+    """`inverse_diagonal` on any device (GPU): L^-1 by a triangular solve against the identity."""
     eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
     return torch.linalg.solve_triangular(chol, eye, upper=False).pow(2).sum(0)
 
