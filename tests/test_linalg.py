@@ -10,10 +10,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_attrib.core import TRAK, Attributor
+from lightning_attrib.core import linalg as linalg_mod
 from lightning_attrib.core import scorer as scorer_mod
 from lightning_attrib.core.dist import LocalDist
 from lightning_attrib.core.linalg import (DampedInverse, DualDampedInverse, IllConditionedKernelWarning, TrainGram,
-                                          estimate_condition, use_dual_form)
+                                          estimate_condition, gram_lower, inverse_diagonal, symmetrize_, use_dual_form)
 from lightning_attrib.core.methods.trak import solve_damped
 
 
@@ -62,7 +63,16 @@ def test_dual_form_equals_primal():
     for got, want in ((dual.apply(x), primal.apply(x)), (dual.quadratic(phi), primal.quadratic(phi)),
                       (dual.train_quadratic(), primal.quadratic(phi))):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-6
-    assert use_dual_form(40, 256) and not use_dual_form(2000, 2048)
+    # float32 rows (the pipeline's default): products in float32 BLAS, solves in float64; against the primal
+    # form of the same (float32-rounded) rows
+    phi32 = phi.float()
+    primal32, dual32 = DampedInverse(phi32.double().T @ phi32.double(), lam), DualDampedInverse(phi32, lam)
+    for got, want, tol in ((dual32.apply(x), primal32.apply(x), 1e-6),
+                           (dual32.train_quadratic(), primal32.quadratic(phi32), 1e-6),
+                           (dual32.quadratic(phi32), primal32.quadratic(phi32), 2e-5)):  # cancels: ~ float32 solve
+        assert got.dtype == torch.float64
+        assert float((got - want).abs().max() / want.abs().max()) < tol
+    assert use_dual_form(40, 256) and use_dual_form(2000, 2048) and not use_dual_form(2500, 2048)
     with pytest.raises(ValueError, match="damping > 0"):
         DualDampedInverse(phi, 0.0)
 
@@ -75,9 +85,34 @@ def test_float32_gram_accumulation_is_close_to_float64():
         fast.add(lo, min(lo + 256, 1000), phi[lo:lo + 256])
     rel = float((fast.value - exact.value).abs().max() / exact.value.abs().max())
     assert 0 < rel < 1e-6
-    rows = TrainGram(1000, 96, dual=True)
+    torch.testing.assert_close(exact.value, torch.from_numpy(phi).double().T @ torch.from_numpy(phi).double(),
+                               rtol=1e-12, atol=0)
+    assert torch.equal(exact.value, exact.value.T) and torch.equal(fast.value, fast.value.T)   # both triangles
+    rows = TrainGram(1000, 96, dual=True)   # the dual rows: exactly the stored float32 features
     rows.add(0, 1000, phi)
-    torch.testing.assert_close(rows.reduce(LocalDist()), torch.from_numpy(phi).double())
+    assert torch.equal(rows.reduce(LocalDist()), torch.from_numpy(phi))
+    rows64 = TrainGram(1000, 96, dual=True, dtype=torch.float64)
+    rows64.add(0, 1000, phi)
+    torch.testing.assert_close(rows64.reduce(LocalDist()), torch.from_numpy(phi).double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [True, False])
+def test_gram_lower_and_inverse_diagonal_match_dense_references(dtype, rows):
+    x = _rows(37, 53).to(dtype)
+    want = (x.double() @ x.double().T) if rows else (x.double().T @ x.double())
+    got = symmetrize_(gram_lower(x, rows=rows).double(), block=16)   # blocks that do not divide 37 or 53
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    mat = want + float(torch.trace(want)) / want.shape[0] * torch.eye(want.shape[0], dtype=torch.float64)
+    chol = torch.linalg.cholesky(mat)
+    torch.testing.assert_close(inverse_diagonal(chol), torch.diagonal(torch.linalg.inv(mat)), rtol=1e-10, atol=0)
+    # the paths taken off the CPU (GPU): one GEMM (here forced by a non-contiguous input), a triangular solve
+    strided = x.T.contiguous().T
+    got = symmetrize_(gram_lower(strided, rows=rows).double())
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    torch.testing.assert_close(linalg_mod._inverse_diagonal_torch(chol), torch.diagonal(torch.linalg.inv(mat)),
+                               rtol=1e-10, atol=0)
 
 
 def _problem(n=45, nq=6, seed=0):

@@ -38,12 +38,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """`np.save` through a temporary file object (np.save would append ".npy" to a bare temporary path)."""
+class _HashingWriter:
+    """A write-only file object that feeds every byte written to a hash on its way to the file."""
+
+    def __init__(self, fh, hasher):
+        self.fh, self.hasher = fh, hasher
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        return self.fh.write(data)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray, hasher=None) -> Path:
+    """`np.save` through a temporary file object (np.save would append ".npy" to a bare temporary path).
+
+    `hasher` (e.g. `hashlib.sha256()`) is fed the file's bytes as they are written: the checksum of what was
+    written, without reading the file back (`file_sha256` of the result gives the same digest)."""
     path = Path(path)
     tmp = _tmp_path(path)
     with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array))
+        np.save(fh if hasher is None else _HashingWriter(fh, hasher), np.asarray(array))
     os.replace(tmp, path)
     return path
 

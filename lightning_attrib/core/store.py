@@ -16,11 +16,12 @@ renamed into place; the record comes LAST, so its presence (with the features) m
 resumes and recomputes nothing finished. The record makes a shard content-addressed: a shard whose bytes do not
 match it (flipped, truncated) is named and recomputed on resume, and one whose data fingerprint differs from the
 data of this run is recomputed. Plain `.npy` is read memory-mapped (no copy on read), after a one-time checksum
-per process. Processes (DDP ranks, nodes on a shared filesystem) write disjoint shard files, never the same file;
+per process (none for a shard this process wrote: its checksum was taken from the bytes as they were written). Processes (DDP ranks, nodes on a shared filesystem) write disjoint shard files, never the same file;
 only one process (rank 0) creates settings and ids.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -207,12 +208,16 @@ class FeatureStore:
         self._record_path(snapshot, split, shard).unlink(missing_ok=True)  # not done while its files change
         paths = {"loss_weight": self._loss_weight_path(snapshot, split, shard),
                  "features": self._shard_path(snapshot, split, shard)}
-        atomic_save_npy(paths["loss_weight"], loss_weight.astype(np.float32, copy=False))
-        atomic_save_npy(paths["features"], features.astype(np.float32, copy=False))
         record = {"rows": int(features.shape[0]), "data": data, "excluded": [int(r) for r in excluded]}
-        for key, path in paths.items():
-            record[key] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for key, array in (("loss_weight", loss_weight), ("features", features)):
+            digest = hashlib.sha256()   # hashed as written: one pass over the bytes, no read-back
+            atomic_save_npy(paths[key], array.astype(np.float32, copy=False), hasher=digest)
+            record[key] = {"size": paths[key].stat().st_size, "sha256": digest.hexdigest()}
         atomic_write_json(self._record_path(snapshot, split, shard), record)
+        # What this process just wrote is what the record says (a read-back would only read the same bytes from
+        # the page cache): no check on its first read. Any later change to the file (another writer, a
+        # truncation) changes its inode/size/mtime key and is checked again.
+        self._checked.add(self._file_key(paths["features"]))
 
     def record(self, snapshot: str, split: str, shard: int) -> dict:
         """The shard's record (see `write_shard`); {} when missing or unreadable."""

@@ -35,7 +35,7 @@ class TrainStatistics:
     n_train: int
     proj_dim: int
     kernels: list[torch.Tensor] | None = None   # per snapshot, (k, k) float64: sum_i phi_i phi_i^T
-    train_features: list[torch.Tensor] | None = None  # dual form instead (n_train < k): per snapshot Phi (n, k) float64
+    train_features: list[torch.Tensor] | None = None  # dual form instead (n_train < 1.1 k): per snapshot Phi (n, k), in the score dtype
     loss_weight: torch.Tensor | None = None     # (n_train,) float64: per-example Q averaged over snapshots
     extras: dict = field(default_factory=dict)
 

@@ -28,15 +28,18 @@ def resolve_damping(kernel: torch.Tensor, damping: float | None, damping_ratio: 
     if damping is not None:
         return float(damping)
     k = dim if dim is not None else kernel.shape[0]
-    trace = torch.trace(kernel.double()).item() if dim is None else kernel.double().pow(2).sum().item()
+    # trace(Phi^T Phi) = ||Phi||_F^2, accumulated in float64 without a float64 copy of the rows
+    trace = (torch.trace(kernel.double()).item() if dim is None
+             else torch.linalg.vector_norm(kernel, dtype=torch.float64).item() ** 2)
     return float(damping_ratio * trace / k)
 
 
 class TRAK(FeatureMethod):
     """TRAK with margin-gradient features, float64 damped kernel inverse per snapshot, and the Q term.
 
-    The inverse is held as a Cholesky factor (no eigendecomposition); with fewer training examples than
-    features (n < k) the pipeline hands the training rows instead of the kernel and the n x n dual form is used.
+    The inverse is held as a Cholesky factor (no eigendecomposition); below n = 1.1 k training examples (the
+    measured crossover, `core.linalg.use_dual_form`) the pipeline hands the training rows instead of the kernel and
+    the n x n dual form is used.
     """
 
     name = "trak"
