@@ -76,14 +76,15 @@ def test_captured_features_equal_post_hoc_features_at_the_same_weights(tmp_path,
         assert all(v > 0 for v in info["post_hoc_rows"].values())
     output = resolve_output(None, default="margin", module=model, dataset=train)
     lay = cap.projector.layout
-    proj = make_capture_projector(projector, model, output, cap.param_names, lay["requested_dim"], lay["seed"],
-                                  lay["allocation"], lay["kind"])
+    assert len(set(info["seeds"].values())) == 3   # one projection per snapshot window, as TRAK per checkpoint
     model.eval()
     x, y = train.tensors
-    expected = proj.features((x, y)).double().numpy()
     q_expected = output.loss_weight(model, (x, y)).double().numpy()
     store = FeatureStore(tmp_path / "attrib" / "features" / "margin", res.manifest["features"], 512, create=False)
     for snap in snaps:
+        proj = make_capture_projector(projector, model, output, cap.param_names, lay["requested_dim"],
+                                      info["seeds"][snap], lay["allocation"], lay["kind"])
+        expected = proj.features((x, y)).double().numpy()
         feats, q = store.load(snap, "train")
         assert np.abs(feats - expected).max() <= 1e-4 * np.abs(expected).max()
         np.testing.assert_allclose(q, q_expected, rtol=1e-4, atol=1e-6)
@@ -211,11 +212,11 @@ def test_ddp_windows_of_both_ranks_make_the_train_side(tmp_path):
     cap = GradientCapture(proj_dim=128)
     cap._build_projector(model)
     lay = cap.projector.layout
-    proj = make_capture_projector(cap.projector_kind, model, output, cap.param_names, lay["requested_dim"],
-                                  lay["seed"], lay["allocation"], lay["kind"])
-    expected = proj.features(train.tensors).double().numpy()
     store = FeatureStore(tmp_path / "attrib" / "features" / "margin", res.manifest["features"], 512, create=False)
     for snap in info["captured_rows"]:
+        proj = make_capture_projector(cap.projector_kind, model, output, cap.param_names, lay["requested_dim"],
+                                      info["seeds"][snap], lay["allocation"], lay["kind"])
+        expected = proj.features(train.tensors).double().numpy()
         feats, _ = store.load(snap, "train")
         assert np.abs(feats - expected).max() <= 1e-4 * np.abs(expected).max()
 

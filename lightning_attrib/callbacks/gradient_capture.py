@@ -70,11 +70,11 @@ from lightning.pytorch.callbacks import Callback
 
 from torch.utils.data import Dataset
 
-from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, BatchIndexRecorder, InRunScores,
+from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, PER_WINDOW, BatchIndexRecorder, InRunScores,
                             QueryFeatures, chunk_features_path, make_capture_projector,
                             projector_kind, read_capture, runs, write_chunk)
 from ..core.gradients import select_parameters
-from ..core.io import atomic_write_json
+from ..core.io import atomic_write_json, derive_seed
 from ..core.layers import SUPPORTED, Layer, Term
 from ..core.tasks import HOOK_NAME, TaskConfigError, detect_task, prediction_tensor, read_batch
 from ..core.windows import CapturedTrainSource, LossToMargin, SnapshotWindows
@@ -296,6 +296,8 @@ class GradientCapture(Callback):
         self.windows: SnapshotWindows | None = None
         self.window_steps: int | None = None
         self.windows_unused: str | None = None   # why the capture cannot give TRAK's train features (None: it can)
+        self.window_seeds: dict[str, int] = {}   # snapshot -> the projection seed of its window's rows
+        self._resume_seeds: dict | None = None
         self._to_margin: LossToMargin | None = None
         self._forward_hook: Any = None
         self._reset_run_state()
@@ -373,7 +375,12 @@ class GradientCapture(Callback):
             if not chosen:
                 raise ValueError(f"GradientCapture found no trainable layer it can capture ({', '.join(SUPPORTED)})")
             probe = build(chosen)
-        self.param_names, self.projector = chosen, probe
+        self.param_names = chosen
+        self._install_projector(probe)
+
+    def _install_projector(self, probe: HookedProjector) -> None:
+        """Use `probe` for the rows captured from now on (its layer plans place each layer's block in a row)."""
+        self.projector = probe
         tensor, start = isinstance(probe, TensorSketchProjector), 0
         self._layers = []
         for plan in probe.layers:
@@ -383,6 +390,18 @@ class GradientCapture(Callback):
         self._by_name = {lay.plan.name: lay for lay in self._layers}
         self._offsets = {lay.plan.name: lay.start for lay in self._layers}
         self._sides = _Sides(probe, self._layers)
+        self._factor_key = None   # Kronecker: the scaled factors are taken from this projector at the next batch
+
+    def _next_window_projection(self, pl_module: L.LightningModule) -> None:
+        """Snapshot windows: the rows of the next window get their own projection seed, as TRAK draws an independent
+        projection per checkpoint (one shared projection for every snapshot cost 0.045 LDS on MNIST-5k,
+        benchmarks/RESULTS.md). Called once the window before has been frozen (its rows all written)."""
+        self.windows.next_window()
+        seed = derive_seed(self.seed, "window", self.windows.window_index)
+        self._install_projector(make_capture_projector(self.projector_kind, pl_module, None, self.param_names,
+                                                       self.proj_dim, seed, self.allocation))
+        if self._queries is not None:   # in-run TracIn: the queries are projected like the rows they meet
+            self._queries = self._queries.with_projector(self.projector)
 
     def settings(self, world_size: int = 1) -> dict:
         """What the captured features depend on besides the weights (written to `capture.json`)."""
@@ -442,6 +461,14 @@ class GradientCapture(Callback):
                 old.unlink()
         self.windows = SnapshotWindows(root, self._n_train, self.projector.proj_dim, rank)
         self.windows.frozen.update(kept)
+        self.window_seeds = {name: seed for name, seed in (self._resume_seeds or {}).items() if name in kept}
+        self._resume_seeds = None
+        if kept:   # a resumed fit: the projection of the window after the last frozen one
+            self.windows.window_index = len(kept) - 1
+            self._next_window_projection(pl_module)
+        if self.out_dir is not None and trainer.is_global_zero:   # chunk readers must know the projection changes
+            atomic_write_json(self.out_dir / "capture.json", {**self.settings(trainer.world_size),
+                                                              "projection": PER_WINDOW})
         self.window_steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
         # the module's own forward, and its direct children's (a training step calling self.model(**batch))
         self._forward_hook = [pl_module.register_forward_hook(partial(self._on_output, True))] + [
@@ -490,8 +517,9 @@ class GradientCapture(Callback):
             self._close_windows()
         return ratio, q
 
-    def freeze_windows(self, trainer: L.Trainer) -> None:
-        """Freeze the window of every `CheckpointCapture` snapshot taken so far (all rows before it written out)."""
+    def freeze_windows(self, trainer: L.Trainer, next_projection: bool = False) -> None:
+        """Freeze the window of every `CheckpointCapture` snapshot taken so far (all rows before it written out);
+        with `next_projection` (training goes on) the next window's rows get a new projection."""
         if self.windows is None:
             return
         from .checkpoint_capture import CheckpointCapture
@@ -504,6 +532,9 @@ class GradientCapture(Callback):
         self._wait()
         for name, step in due:
             self.windows.freeze(name, step)
+            self.window_seeds[name] = int(self.projector.layout["seed"])
+        if next_projection:
+            self._next_window_projection(trainer.lightning_module)
 
     def train_source(self) -> "CapturedTrainSource | None":
         """TRAK's train side from this capture's snapshot windows, or None (`windows_unused` says why)."""
@@ -515,7 +546,7 @@ class GradientCapture(Callback):
             return None
         return CapturedTrainSource(self.windows.root, self.window_steps, projector_kind(self.projector),
                                    dict(self.projector.layout), self.projector.layout_hash, list(self.param_names),
-                                   self._to_margin.task.name)
+                                   self._to_margin.task.name, dict(self.window_seeds))
 
     def _close_windows(self) -> None:
         for handle in self._forward_hook or []:
@@ -606,7 +637,7 @@ class GradientCapture(Callback):
         if step % self.every_n_steps:
             return
         if self.windows is not None:
-            self.freeze_windows(trainer)
+            self.freeze_windows(trainer, next_projection=True)
             self._output = None
             try:
                 self._inputs, self._target = read_batch(pl_module, batch)
@@ -742,6 +773,7 @@ class GradientCapture(Callback):
         state = {"out_dir": str(self.out_dir) if self.out_dir else None, "global_step": step}
         if self.windows is not None:   # snapshot windows frozen so far (their files stay on a resume)
             state["windows_frozen"] = dict(self.windows.frozen)
+            state["window_seeds"] = dict(self.window_seeds)
         if self._inrun is not None and self._trainer is not None:
             self._emit()
             self._wait()
@@ -759,6 +791,7 @@ class GradientCapture(Callback):
         self._resume_step = int(step) if step is not None else None
         self._resume_inrun = state_dict.get("inrun")
         self._resume_windows = state_dict.get("windows_frozen")
+        self._resume_seeds = state_dict.get("window_seeds")
 
     # -- the hot path -------------------------------------------------------------------------------------
     def _close_recording(self) -> None:

@@ -36,6 +36,8 @@ from .sketch import HookedProjector, KroneckerProjector, TensorSketchProjector
 FORMAT_VERSION = 2   # 2: every engine layer captured, `projector` recorded (1: Linear/Conv2d, Kronecker only)
 CAPTURE_PROJECTORS = ("tensorsketch", "factorized")   # GradientCapture(projector=...); "factorized" = Kronecker
 _SKETCH_TO_KIND = {"tensor": "tensorsketch", "kronecker": "factorized"}
+# capture.json "projection" of a capture that kept snapshot windows for TRAK: every window's rows have their own seed
+PER_WINDOW = "one seed per snapshot window"
 
 
 def capture_accept(layer: Layer) -> bool:
@@ -102,6 +104,16 @@ def load_capture_settings(capture_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def _one_projection(settings: dict, capture_dir) -> dict:
+    """The settings of a capture whose rows all share one projection; a per-window capture is refused."""
+    if settings.get("projection") == PER_WINDOW:
+        raise ValueError(f"the capture in {capture_dir} kept snapshot windows for TRAK, so its rows change projection "
+                         "at every snapshot: capture_projector / tracin_from_capture cannot score it. Capture TracIn "
+                         "rows without an AttributionCallback computing TRAK on the Trainer (or with "
+                         "train_features='post-hoc')")
+    return settings
+
+
 def _chunk_metas(capture_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The complete chunks' per-row metadata, rank by rank in capture order, with the features' `path`."""
     root = Path(capture_dir)
@@ -134,7 +146,7 @@ def capture_projector(capture_dir: str | os.PathLike, module: nn.Module,
     `module` must be the LightningModule class that was trained (the layer names seed the matrices); the
     layout is checked against the capture's.
     """
-    s = load_capture_settings(capture_dir)
+    s = _one_projection(load_capture_settings(capture_dir), capture_dir)
     lay = s["layout"]
     proj = make_capture_projector(_SKETCH_TO_KIND[lay.get("sketch", "kronecker")], module, resolve_output(output),
                                   s["param_names"], lay["requested_dim"], lay["seed"], lay["allocation"], lay["kind"])
@@ -171,7 +183,7 @@ def tracin_from_capture(capture_dir: str | os.PathLike, query_features_fn: Calla
     Self-influence sums lr_t ||phi_t(z_i)||^2 over every captured step (it needs no query). As TracIn-CP in
     `core.methods.TracIn`, the 1/B of a mean-reduced loss is left out (a constant factor for a fixed batch size).
     """
-    settings = load_capture_settings(capture_dir)
+    settings = _one_projection(load_capture_settings(capture_dir), capture_dir)
     k = int(settings["proj_dim"])
     chunks = _chunk_metas(capture_dir)
     if any((c["ids"] < 0).any() for c in chunks):
@@ -323,6 +335,16 @@ class QueryFeatures:
         self.batches = [move_to(b, device) for b in loader]   # queries are few: collated and moved once
         self.n = len(dataset)
         self.bytes_per_step = self.n * capture_proj.proj_dim * 4
+
+    def with_projector(self, capture_proj: HookedProjector) -> "QueryFeatures":
+        """The same queries projected like `capture_proj` (a capture that changed its projection)."""
+        new = object.__new__(QueryFeatures)
+        new.__dict__.update(self.__dict__)
+        lay = capture_proj.layout
+        new.projector = make_capture_projector(projector_kind(capture_proj), self.projector.module,
+                                               resolve_output("loss"), capture_proj.param_names, lay["requested_dim"],
+                                               lay["seed"], lay["allocation"], lay["kind"])
+        return new
 
     def features(self) -> torch.Tensor:
         feats = torch.cat([self.projector.features(b) for b in self.batches])

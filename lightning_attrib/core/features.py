@@ -50,10 +50,11 @@ class SnapshotFeaturizer:
         self._data_fingerprints.clear()
         self.captured_rows.clear()
 
-    def hooked_projector(self, seed: int | None = None):
-        """The layer-hook projector (tensor sketch / Kronecker): the capture's with `train_source`, else seeded."""
-        if self.train_source is not None:   # one projection for every snapshot: the capture's
-            return self.train_source.make_projector(self.module, self.output)
+    def hooked_projector(self, seed: int | None = None, snapshot: str | None = None):
+        """The layer-hook projector (tensor sketch / Kronecker): with `train_source` the capture's projection of
+        `snapshot`'s window, else seeded with `seed`."""
+        if self.train_source is not None:   # the capture's projection of this snapshot's window
+            return self.train_source.make_projector(self.module, self.output, snapshot)
         return make_projector(self.projector_kind, self.module, self.output, self.param_names, self.proj_dim,
                               self.seed if seed is None else seed, device=self.dist.device)
 
@@ -65,7 +66,7 @@ class SnapshotFeaturizer:
         if self.projector_kind in HOOKED_KINDS:
             # Kronecker-factorized / tensor-sketched features straight from one batched backward: no per-example gradients,
             # no dense projector (`grads(batch)` already returns (B, k) features).
-            grads, projector = self.hooked_projector(seed), None
+            grads, projector = self.hooked_projector(seed, snap), None
         else:
             grads = PerExampleGradients(self.module, self.output, self.param_names)
             projector = RandomProjector(grads.num_params, self.proj_dim, self.projector_kind, seed,

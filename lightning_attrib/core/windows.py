@@ -87,7 +87,13 @@ class SnapshotWindows:
         self.step = np.full(self.n_train, -1, dtype=np.int64)
         self.ratio = np.full(self.n_train, np.nan)
         self.q = np.full(self.n_train, np.nan)
+        self.row_window = np.full(self.n_train, -1, dtype=np.int64)   # the window (projection) each row was taken in
+        self.window_index = 0
         self.frozen: dict[str, int] = {}   # snapshot name -> its step
+
+    def next_window(self) -> None:
+        """Rows from now on belong to the next window (a new projection): older rows never enter it."""
+        self.window_index += 1
 
     def add(self, features: torch.Tensor, meta: dict[str, np.ndarray]) -> None:
         """A chunk's rows (writer thread): each example keeps its latest row (rows come in capture order)."""
@@ -105,10 +111,11 @@ class SnapshotWindows:
         self.step[uniq] = meta["step"][rows]
         self.ratio[uniq] = meta["ratio"][rows]
         self.q[uniq] = meta["q"][rows]
+        self.row_window[uniq] = self.window_index
 
     def freeze(self, name: str, step: int) -> None:
         """Write the rows captured before snapshot `name` (taken after `step` optimizer steps)."""
-        have = np.flatnonzero((self.step >= 0) & (self.step < step))
+        have = np.flatnonzero((self.step >= 0) & (self.step < step) & (self.row_window == self.window_index))
         out = self.root / name
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(out / f"rank-{self.rank:05d}.features.npy", np.asarray(self.latest[have]))
@@ -173,17 +180,21 @@ class CapturedTrainSource:
     layout_hash: str
     param_names: list[str]
     task: str                 # the task the ratios were read with (the Attributor's output must be its margin)
+    seeds: dict               # snapshot -> the projection seed of its window's rows (one projection per window)
 
-    def make_projector(self, module, output):
+    def make_projector(self, module, output, snapshot: str):
+        """The projector of `snapshot`'s window (its seed), for the queries and the rows the window lacks."""
         from .capture import make_capture_projector
 
         lay = self.layout
+        seed = int(self.seeds.get(snapshot, lay["seed"]))
         proj = make_capture_projector(self.projector, module, output, self.param_names, lay["requested_dim"],
-                                      lay["seed"], lay["allocation"], lay["kind"])
-        if proj.layout_hash != self.layout_hash:
+                                      seed, lay["allocation"], lay["kind"])
+        if {k: v for k, v in proj.layout.items() if k != "seed"} != {k: v for k, v in lay.items() if k != "seed"}:
             raise RuntimeError("captured TRAK: the post-hoc projector's layout differs from the capture's")
         return proj
 
     def describe(self) -> dict:
         return {"source": "GradientCapture snapshot windows", "projector": self.projector,
-                "window_steps": self.window_steps, "layout_hash": self.layout_hash, "task": self.task}
+                "window_steps": self.window_steps, "layout_hash": self.layout_hash, "task": self.task,
+                "seeds": dict(self.seeds)}
