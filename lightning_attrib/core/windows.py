@@ -14,6 +14,8 @@ capture's writer thread) and freezes it when a snapshot is taken:
     <root>/<snapshot>/rank-RRRRR.npz          ids, steps, ratio c, Q of the rows captured before that snapshot
     <root>/<snapshot>/rank-RRRRR.features.npy their (m, k) float32 rows (written before the .npz: the .npz marks done)
 
+Each window has its own projection (the capture switches seed after freezing a window, as TRAK projects every
+checkpoint independently); a row taken before the switch never enters the next window.
 `read_window` merges the ranks' files (the latest row per example) and keeps the rows of the window: captured in
 the last `window_steps` optimizer steps before the snapshot (one epoch by default), with a valid ratio. Every other
 example is featurized post hoc at the snapshot's weights by the caller: missing never means zero.
