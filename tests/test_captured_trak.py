@@ -107,6 +107,10 @@ def test_zero_configuration_gives_standard_results_without_a_second_pass(tmp_pat
     assert res.scores.shape == (240, 40) and np.isfinite(res.scores).all()
     # query_dataset="auto": no in-run TracIn pass over the queries at every step (TRAK would not use it)
     assert cap.default_queries_released and cap.result is None and not (tmp_path / "inrun_tracin").exists()
+    # the rows went to the windows only: none kept in memory (keep_records=None), and `records` says so
+    assert not cap._kept
+    with pytest.raises(ValueError, match="keep_records=True"):
+        cap.records
     assert set(res.manifest["train_features"]["post_hoc_rows"].values()) == {0}
     assert res.manifest["features"]["train_features"].startswith("captured:")
     for k, v in model.state_dict().items():

@@ -283,7 +283,8 @@ def test_in_run_tracin_with_known_queries_equals_snapshot_based(tmp_path, store)
     model = _LitMLP()
     out = tmp_path / "cap"
     cap = GradientCapture(proj_dim=40, seed=1, every_n_steps=2, out_dir=out if store == "disk" else None,
-                          chunk_size=40, query_dataset=TensorDataset(xq, yq), result_dir=tmp_path / "inrun")
+                          chunk_size=40, query_dataset=TensorDataset(xq, yq), result_dir=tmp_path / "inrun",
+                          keep_records=True)
     loader = DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
     _trainer(tmp_path, [cap], max_epochs=3).fit(model, loader)
     for rec in cap.records:   # the recorded sampler indices are the batches' dataset ids

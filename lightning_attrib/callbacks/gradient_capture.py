@@ -236,6 +236,9 @@ class GradientCapture(Callback):
             pass. The result is written at the end of fit (`load_results(result_dir)`) and kept in `result`.
         query_batch_size: batch size of the query pass.
         result_dir: where the in-run TracIn result goes (default `<trainer.default_root_dir>/inrun_tracin`).
+        keep_records: without `out_dir`, keep every captured row in memory for `records` (n_rows x proj_dim x 4
+            bytes). None (default): only when nothing else uses the rows (no in-run scores, no snapshot windows for
+            TRAK), which then never hold the whole capture in memory.
 
     Dataset ids: without `ids_fn`, the callback records the indices the training DataLoader's batch sampler
     yields (`core.capture.BatchIndexRecorder`), so rows carry ids without changing the dataset or `training_step`.
@@ -246,7 +249,7 @@ class GradientCapture(Callback):
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
                  out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
                  query_dataset: Dataset | str | None = "auto", query_batch_size: int = 256,
-                 result_dir: str | os.PathLike | None = None):
+                 result_dir: str | os.PathLike | None = None, keep_records: bool | None = None):
         super().__init__()
         for name, val in (("proj_dim", proj_dim), ("every_n_steps", every_n_steps), ("chunk_size", chunk_size),
                           ("query_batch_size", query_batch_size)):
@@ -269,6 +272,9 @@ class GradientCapture(Callback):
                             f"{type(query_dataset).__name__}")
         self.query_dataset, self.query_batch_size = query_dataset, query_batch_size
         self.result_dir = Path(result_dir) if result_dir is not None else None
+        if keep_records not in (None, True, False):
+            raise TypeError(f"keep_records must be None, True or False, got {keep_records!r}")
+        self.keep_records = keep_records
         self.result = None
         self._queries: QueryFeatures | None = None
         self._inrun: InRunScores | None = None
@@ -289,6 +295,7 @@ class GradientCapture(Callback):
         self._resume_step: int | None = None
         self._owns_rank_dir = False
         self._kept: list[Any] = []   # memory mode: finished chunks (CPU `_Chunk`s, or (features, meta) copies)
+        self._dropped_rows = False   # memory mode: rows handed to their consumers and not kept (`keep_records`)
         self._writer: ThreadPoolExecutor | None = None
         # snapshot windows for TRAK (`core/windows.py`), asked for by an AttributionCallback before training
         self.windows_requested = False
@@ -900,6 +907,17 @@ class GradientCapture(Callback):
         if self.windows is not None:   # each example's latest row, for TRAK's snapshot windows
             consumers.append(partial(self.windows.add, meta=ch.row_meta()))
         score = partial(_consume, consumers) if consumers else None
+        if self.out_dir is None and not self._keeps_records(bool(consumers)):   # consumed, then dropped
+            self._dropped_rows = True
+            if cpu:
+                ch.future = self._writer.submit(_expand_and_consume, ch, self._sides, score)
+            else:
+                feats = ch.expand(self._sides)
+                if score is not None:
+                    score(feats)
+                feats.zero_()
+            self._spare = ch
+            return
         if self.out_dir is None:
             if cpu:
                 ch.future = self._writer.submit(_expand_and_score, ch, self._sides, score)
@@ -952,13 +970,22 @@ class GradientCapture(Callback):
                 fut.result()
 
     # -- results ---------------------------------------------------------------------------------------
+    def _keeps_records(self, consumed: bool) -> bool:
+        """In memory (no out_dir): rows are kept for `records` when asked (keep_records=True), or by default when
+        nothing else uses them (no in-run scores, no snapshot windows): n_rows x proj_dim x 4 bytes of RAM."""
+        return self.keep_records if self.keep_records is not None else not consumed
+
     @property
     def records(self) -> list[dict[str, Any]]:
         """One dict per captured batch: step, epoch, batch_idx, lr, ids (None without ids_fn), features (B, k).
 
-        In memory (no `out_dir`) this is what was captured on this rank; with `out_dir` it reads this rank's
-        chunk files back (all of them into memory: for big captures iterate `read_capture` instead).
+        In memory (no `out_dir`) this is what was captured on this rank (see `keep_records`); with `out_dir` it reads
+        this rank's chunk files back (all of them into memory: for big captures iterate `read_capture` instead).
         """
+        if self.out_dir is None and self._dropped_rows:
+            raise ValueError("GradientCapture kept no rows in memory (they went to the in-run scores / snapshot windows; "
+                             "keep_records=None keeps them only when nothing else uses them): pass keep_records=True "
+                             "or out_dir= to read them back")
         if self.out_dir is None:
             self._wait()
             chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, _Chunk) else c for c in self._kept]
@@ -994,6 +1021,14 @@ def _expand_and_write(chunk: _Chunk, layers: _Sides, rank_dir: Path, index: int,
         score(feats)
     write_chunk(rank_dir, index, feats, meta, None)
     feats.zero_()   # the buffer is reused: its rows start at zero
+
+
+def _expand_and_consume(chunk: _Chunk, layers: _Sides, score: Callable | None) -> None:
+    """Writer thread, CPU, rows not kept: form the rank-one rows' features, hand them on, zero the reused buffer."""
+    feats = chunk.expand(layers)
+    if score is not None:
+        score(feats)
+    feats.zero_()
 
 
 def _expand_and_score(chunk: _Chunk, layers: _Sides, score: Callable | None) -> torch.Tensor:
