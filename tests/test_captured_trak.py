@@ -113,6 +113,8 @@ def test_zero_configuration_gives_standard_results_without_a_second_pass(tmp_pat
         cap.records
     assert set(res.manifest["train_features"]["post_hoc_rows"].values()) == {0}
     assert res.manifest["features"]["train_features"].startswith("captured:")
+    # projector="auto": the tensor sketch for TRAK's windows (TRAK's post-hoc default; Kronecker loses LDS)
+    assert res.manifest["train_features"]["projector"] == "tensorsketch" == cap.projector_kind
     for k, v in model.state_dict().items():
         assert torch.equal(v, final[k])
 
@@ -303,3 +305,22 @@ def test_training_step_calling_a_child_module_is_captured(tmp_path):
                                         AttributionCallback(out_dir=tmp_path / "b" / "attrib", log_images=False)],
              epochs=1)
     assert load_results(tmp_path / "b" / "attrib").manifest["train_features"].startswith("post-hoc")
+
+
+def test_only_the_window_epochs_are_captured_when_nothing_else_uses_the_rows(tmp_path):
+    """6 epochs, snapshots after epochs 2, 4 and 6: with only the TRAK windows using the rows, the capture runs in
+    those 3 epochs only (half the steps here, 3 of 20 epochs at the usual recipe) and the result equals a capture of
+    every step (keep_records=True)."""
+    def fit(root, keep):
+        cap = GradientCapture(proj_dim=256, keep_records=keep)
+        torch.manual_seed(1)
+        _fit(root, _Net(), [cap, CheckpointCapture(every_n_epochs=2),
+                            AttributionCallback(out_dir=root / "attrib", log_images=False, train_features="capture")],
+             epochs=6)
+        return cap, load_results(root / "attrib")
+
+    some, res = fit(tmp_path / "windows", None)
+    every, ref = fit(tmp_path / "every", True)
+    assert (some.captured_steps, every.captured_steps) == (18, 36)
+    assert set(res.manifest["train_features"]["post_hoc_rows"].values()) == {0}
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5, atol=1e-7 * np.abs(ref.scores).max())

@@ -209,11 +209,14 @@ class GradientCapture(Callback):
     """Projected per-example loss gradients of training batches, (B, proj_dim) float32, captured in the steps.
 
     Args:
-        projector: "factorized" (default: Kronecker, `KroneckerProjector`) or "tensorsketch" (one count sketch of the
-            whole gradient, `TensorSketchProjector`: 0.05-0.16 LDS better at equal k post hoc, but in the capture
-            +32% of a small transformer's step vs +12%, and 2-4x the writer thread's CPU; `benchmarks/RESULTS.md`):
-            the same matrices as `Attributor(projector=...)` / `make_projector` with the same parameter selection and seed
-            (BatchNorm left out, see `skipped_params`).
+        projector: "auto" (default): "tensorsketch" when the rows feed TRAK's snapshot windows (an
+            `AttributionCallback` asks for them), else "factorized". "tensorsketch" (one count sketch of the whole
+            gradient, `TensorSketchProjector`) is TRAK's post-hoc default and as accurate as a dense projection;
+            captured TRAK with it was within 0.003-0.018 LDS of post hoc, with Kronecker 0.078 below (MNIST-5k).
+            "factorized" (Kronecker, `KroneckerProjector`) is cheaper in the step on layers with several positions:
+            +7-13% of a small transformer's step vs +25-29%, +28% of a small CNN's vs +46-49%
+            (`benchmarks/RESULTS.md`). Either gives the same matrices as `Attributor(projector=...)` /
+            `make_projector` with the same parameter selection and seed (BatchNorm left out, see `skipped_params`).
         proj_dim, seed: the projection's size and seed; allocation: how "factorized" splits proj_dim over layers.
         params: parameter names/prefixes/predicate to capture (default: every trainable parameter of a layer the
             engine hooks: Linear, Conv1d/2d, Embedding, LayerNorm/GroupNorm, MultiheadAttention, HF Conv1D).
@@ -257,13 +260,13 @@ class GradientCapture(Callback):
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-        if projector not in CAPTURE_PROJECTORS:
-            raise ValueError(f"projector must be one of {CAPTURE_PROJECTORS}, got {projector!r}")
+        if projector != "auto" and projector not in CAPTURE_PROJECTORS:
+            raise ValueError(f"projector must be 'auto' or one of {CAPTURE_PROJECTORS}, got {projector!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if ids_fn is not None and not callable(ids_fn):
             raise TypeError(f"ids_fn must be a callable batch -> Tensor[B] of dataset indices, got {type(ids_fn).__name__}")
-        self.proj_dim, self.seed, self.allocation, self.projector_kind = proj_dim, seed, allocation, projector
+        self.proj_dim, self.seed, self.allocation, self.projector_choice = proj_dim, seed, allocation, projector
         self.params, self.every_n_steps, self.ids_fn, self.reduction = params, every_n_steps, ids_fn, reduction
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.chunk_size = chunk_size
@@ -311,6 +314,7 @@ class GradientCapture(Callback):
 
     def _reset_run_state(self) -> None:
         self._active = False
+        self.captured_steps = 0   # training batches captured in this fit (on this rank)
         self._n: int | None = None
         self._r0 = 0
         self._chunk: _Chunk | None = None     # the chunk being filled
@@ -350,17 +354,20 @@ class GradientCapture(Callback):
 
             # each rank probes only its own folder (ranks probing one shared folder would race on the probe file)
             self.rank_dir = ensure_writable_dir(self.out_dir / f"rank-{trainer.global_rank:05d}", "GradientCapture(out_dir)")
-            settings = self.settings(trainer.world_size)
-            path = self.out_dir / "capture.json"
-            if path.exists():
-                old = json.loads(path.read_text())
-                if old.get("layout_hash") != settings["layout_hash"]:
-                    raise ValueError(
-                        f"GradientCapture: {self.out_dir} holds a capture with another projector layout "
-                        f"(proj_dim, seed, allocation or layers differ). Use a new out_dir or delete that one."
-                    )
-            if trainer.is_global_zero:
-                atomic_write_json(path, settings)
+
+    def _write_capture_settings(self, trainer: L.Trainer) -> None:
+        """out_dir: `capture.json` (rank 0), after refusing a folder that holds a capture of another layout."""
+        settings = self.settings(trainer.world_size)
+        path = self.out_dir / "capture.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("layout_hash") != settings["layout_hash"]:
+                raise ValueError(
+                    f"GradientCapture: {self.out_dir} holds a capture with another projector layout "
+                    f"(proj_dim, seed, allocation or layers differ). Use a new out_dir or delete that one."
+                )
+        if trainer.is_global_zero:
+            atomic_write_json(path, settings)
 
     def _build_projector(self, pl_module: L.LightningModule) -> None:
         """The capture projector over the engine's layers (BatchNorm vetoed); what it cannot hook is skipped
@@ -421,6 +428,10 @@ class GradientCapture(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset_run_state()
+        if projector_kind(self.projector) != self.projector_kind:   # "auto", built before the windows were asked for
+            self._build_projector(pl_module)
+        if self.out_dir is not None:
+            self._write_capture_settings(trainer)
         self._group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else None
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -523,6 +534,36 @@ class GradientCapture(Callback):
             self.windows_unused = self._to_margin.mismatch
             self._close_windows()
         return ratio, q
+
+    @property
+    def projector_kind(self) -> str:
+        """The projector the rows are captured with: `projector`, with "auto" resolved (tensor sketch for TRAK's
+        windows, Kronecker otherwise)."""
+        if self.projector_choice != "auto":
+            return self.projector_choice
+        return "tensorsketch" if self.windows_requested else "factorized"
+
+    def _windows_only(self) -> bool:
+        """Only the snapshot windows use the rows (no in-run scores, no chunk files, no kept records): steps outside
+        every window need not be captured."""
+        return (self.windows is not None and self._inrun is None and self.out_dir is None
+                and not self._keeps_records(True))
+
+    def _in_a_window(self, trainer: L.Trainer) -> bool:
+        """Whether this step's rows can enter a planned snapshot's window (the window_steps steps before it)."""
+        from .checkpoint_capture import CheckpointCapture
+
+        epoch, step, width = trainer.current_epoch, trainer.global_step, self.window_steps
+        for c in trainer.callbacks:
+            if not isinstance(c, CheckpointCapture):
+                continue
+            if (epoch + 1) in c.planned_epochs or (c.every_n_epochs and (epoch + 1) % c.every_n_epochs == 0):
+                return True
+            if any(s - width <= step < s for s in c.planned_steps):
+                return True
+            if c.every_n_steps and (step // c.every_n_steps + 1) * c.every_n_steps - step <= width:
+                return True
+        return False
 
     def freeze_windows(self, trainer: L.Trainer, next_projection: bool = False) -> None:
         """Freeze the window of every `CheckpointCapture` snapshot taken so far (all rows before it written out);
@@ -641,10 +682,11 @@ class GradientCapture(Callback):
             ids = self.ids_fn(batch) if self.ids_fn is not None else recorded
             if ids is not None:
                 self._inrun.saw(torch.as_tensor(ids))
-        if step % self.every_n_steps:
-            return
         if self.windows is not None:
             self.freeze_windows(trainer, next_projection=True)
+        if step % self.every_n_steps or (self._windows_only() and not self._in_a_window(trainer)):
+            return
+        if self.windows is not None:
             self._output = None
             try:
                 self._inputs, self._target = read_batch(pl_module, batch)
@@ -678,6 +720,7 @@ class GradientCapture(Callback):
             return
         ch, r0 = self._chunk, self._r0
         r1 = r0 + n
+        self.captured_steps += 1
         for lay in self._layers:   # a layer off the loss's path never fired: its rows stay zero
             if lay.deferrable:
                 ch.factored[lay.index, r0:r1] = lay.vec
