@@ -20,9 +20,11 @@ in train mode (examples are not independent): their parameters are not captured 
 Hot path. A layer with one position per example (a Linear on (B, d) inputs: most MLP layers, classifier heads) has a
 rank-one per-example gradient d_i a_i^T: its two sides are stored in the chunk buffer (Kronecker: P_out^T d and P_in^T
 a; tensor sketch: d and a themselves, when d_in + d_out <= 2 proj_dim) and the features are formed for the whole
-chunk at once when it is handed off (outer products, or count sketches + FFTs), on the writer thread on CPU. Every
-other layer (positions: conv pixels, tokens; a layer called twice in a step; embeddings, norms, attention) is
-projected in the step by the projector's own `_combine`. Nothing is copied to the host per step (ids stay on the
+chunk at once when it is handed off (outer products; tensor sketch: `TensorSketchProjector.add_rank_one`, count
+sketches + FFTs with one inverse FFT per row block for all layers, small layers formed and scattered), on the writer
+thread on CPU. Every other layer (positions: conv pixels, tokens; a layer called twice in a step; embeddings, norms,
+attention) is projected in the step by the projector's own `_combine`, with the loss scale passed in (no copy of
+the layer's inputs); a convolution's patches are never unfolded for it (`core.layers.ConvTerm`). Nothing is copied to the host per step (ids stay on the
 device until the chunk is handed off), and with `out_dir` two chunk buffers alternate. Overheads: see
 `benchmarks/bench_capture_overhead.py` and `benchmarks/RESULTS.md` (Capture overhead); `every_n_steps=n` pays the
 cost on every n-th step only.

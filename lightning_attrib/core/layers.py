@@ -17,7 +17,9 @@ Layer kinds (one isinstance rule each; anchor: opacus's per-sample-gradient laye
 
 * "linear":    nn.Linear (any leading dims).  HF GPT-2 `Conv1D` ("hf_conv1d": y = x W + b, W stored d_in x d_out).
 * "conv1d" / "conv2d": nn.Conv1d / nn.Conv2d with groups=1, every padding mode and numeric / "same" / "valid"
-               padding (the input is padded once with F.pad as the layer does, then unfolded).
+               padding (the input is padded once with F.pad as the layer does; `ConvTerm` unfolds it only when
+               `a` is read: P_in^T A is a convolution, the per-example gradient a width-unfold + one bmm per
+               kernel row).
 * "embedding": nn.Embedding (not scale_grad_by_freq): sparse, D_t is the one-hot row of token t (`Term.index`),
                A_t the output gradient; tokens equal to padding_idx get no gradient (index -1).
 * "norm":      the affine parameters of LayerNorm / GroupNorm / BatchNorm1d/2d/3d (running stats) / RMSNorm: the
@@ -97,7 +99,7 @@ class Term:
     def gradient_blocks(self) -> list[tuple[slice | torch.Tensor, torch.Tensor]]:
         """This term's part of G^T in column blocks: [(cols, block (B, ncols, rows))] with
         G[b, row0 + r, cols][j] = block[b, j, r]; cols a slice or a LongTensor of columns (D terms only; `rows` =
-        d.shape[-1]). One bmm here."""
+        d.shape[-1]). Blocks are fresh tensors: the caller may scale them in place. One bmm here."""
         return [(slice(0, self.a.shape[-1]), torch.bmm(self.a.transpose(1, 2), self.d))]
 
     def out_times(self, mat: torch.Tensor) -> torch.Tensor:

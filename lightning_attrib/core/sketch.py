@@ -419,15 +419,13 @@ class TensorSketchProjector(HookedProjector):
             buckets, signs = self._pair_hash(layer, dtype, device)
             return (buckets.view(layer.d_out, layer.d_in).t().contiguous(),
                     signs.view(layer.d_out, layer.d_in).t().contiguous())
-        if isinstance(cols, torch.Tensor):
+        def pick():
             b_t, s_t = self._cached((layer.name, "pairs-t", dtype, device), transposed)
             return b_t[cols, rows].reshape(-1), s_t[cols, rows].reshape(-1)
-
-        def make():
-            b_t, s_t = self._cached((layer.name, "pairs-t", dtype, device), transposed)
-            return b_t[cols, rows].reshape(-1), s_t[cols, rows].reshape(-1)
+        if isinstance(cols, torch.Tensor):   # a convolution's kernel-row columns: a small gather per call
+            return pick()
         return self._cached((layer.name, "pairs", rows.start, rows.stop, cols.start, cols.stop, cols.step, dtype,
-                             device), make)
+                             device), pick)
 
     def _scatter_gradient(self, layer: LayerPlan, term: Term, out: torch.Tensor, scale: float) -> None:
         """out (B, s) += scale * count sketch of this term's per-example gradient, formed block by block
