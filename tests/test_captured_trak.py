@@ -215,7 +215,7 @@ def test_ddp_windows_of_both_ranks_make_the_train_side(tmp_path):
     model.load_state_dict(torch.load(tmp_path / "init.pt"))
     model.eval()
     output = resolve_output(None, default="margin", module=model, dataset=train)
-    cap = GradientCapture(proj_dim=128)
+    cap = GradientCapture(proj_dim=128, projector=info["projector"])   # "auto" chose the tensor sketch
     cap._build_projector(model)
     lay = cap.projector.layout
     store = FeatureStore(tmp_path / "attrib" / "features" / "margin", res.manifest["features"], 512, create=False)

@@ -249,7 +249,7 @@ class GradientCapture(Callback):
     yields (`core.capture.BatchIndexRecorder`), so rows carry ids without changing the dataset or `training_step`.
     """
 
-    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", projector: str = "factorized",
+    def __init__(self, proj_dim: int = 2048, seed: int = 0, allocation: str = "equal", projector: str = "auto",
                  params: None | Sequence[str] | Callable = None, every_n_steps: int = 1,
                  ids_fn: Callable[[Any], torch.Tensor] | None = None, reduction: str = "mean",
                  out_dir: str | os.PathLike | None = None, chunk_size: int = 4096,
