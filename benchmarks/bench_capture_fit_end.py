@@ -113,6 +113,14 @@ CONFIGS = {
 }
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Mean over queries of per-query LDS a - b, with a 95% percentile bootstrap CI resampling queries (paired)."""
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_bootstrap, len(d)))].mean(1)
+    return {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
+                                                      round(float(np.quantile(boot, 0.975)), 4)]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", choices=DATA, default="digits")
@@ -130,6 +138,7 @@ def main():
     work = Path(tempfile.mkdtemp())
     names = [n for n in args.configs.split(",") if n]
     runs: dict[str, list[dict]] = {}
+    per_query: dict[str, np.ndarray] = {}
     for rep in range(args.repeats):   # configurations rotated: machine load spreads over all of them
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             d = work / f"{name.replace('/', '_')}_{rep}"
@@ -145,6 +154,7 @@ def main():
                 row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score in the fit-end work
                 if args.subsets:
                     lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
+                    per_query.setdefault(name, np.asarray(lds["per_query"], dtype=np.float64))
                     row.update(lds=round(float(lds["lds"]), 4),
                                ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
             runs.setdefault(name, []).append(row)
@@ -157,6 +167,8 @@ def main():
                       "repeats": len(rs)}
         if "plain" in runs and name != "plain":
             rows[name]["train_over_plain"] = round(rows[name]["train_s"] / rows["plain"]["train_s"], 3)
+        if name != "trak/post-hoc" and name.startswith("trak/") and {name, "trak/post-hoc"} <= per_query.keys():
+            rows[name]["lds_minus_post_hoc"] = paired_difference(per_query[name], per_query["trak/post-hoc"])
         print("median", name, json.dumps(rows[name]), flush=True)
     print(json.dumps({"data": args.data, "model": args.model or DEFAULT_MODEL[args.data], "n_train": len(xt),
                       "n_query": len(xq), "epochs": recipe.epochs, "subsets": args.subsets, "rows": rows}))
