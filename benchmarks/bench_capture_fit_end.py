@@ -23,7 +23,9 @@ of AttributionCallback.on_fit_end (featurize + fit + score + metrics).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -113,6 +115,14 @@ CONFIGS = {
 }
 
 
+def rss_gb() -> float:
+    """This process's resident memory now (Linux /proc), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    return float("nan")
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Mean over queries of per-query LDS a - b, with a 95% percentile bootstrap CI resampling queries (paired)."""
     d = (a - b)[np.isfinite(a) & np.isfinite(b)]
@@ -157,6 +167,10 @@ def main():
                     per_query.setdefault(name, np.asarray(lds["per_query"], dtype=np.float64))
                     row.update(lds=round(float(lds["lds"]), 4),
                                ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
+            del callbacks, res
+            gc.collect()   # a fit's Trainer / capture buffers are in reference cycles: free them before the next fit
+            row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            row["rss_after_gb"] = rss_gb()   # growing over repeats = memory a finished fit kept
             runs.setdefault(name, []).append(row)
             print(name, json.dumps(row), flush=True)
             shutil.rmtree(d, ignore_errors=True)
