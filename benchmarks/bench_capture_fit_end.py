@@ -1,7 +1,8 @@
 """Fit-end work vs training time at the defaults, post hoc vs with GradientCapture, and LDS of each.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py [--data mnist5k|fashion|text|digits|synthetic]
-        [--model mlp|cnn|text] [--subsets 100] [--configs trak/post-hoc,trak/captured,...]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py
+        [--data mnist5k|fashion|text|digits|synthetic] [--model mlp|cnn|text] [--subsets 100]
+        [--configs plain,trak/post-hoc,trak/captured,...] [--repeats 3]
 
 Data, models and training recipes are bench_ensemble_lds.py's (`load`, `build`, `RECIPES`): MNIST-5k MLP 784-256-10
 (4,000 train / 500 queries, SGD momentum lr 0.05, batch 128, 20 epochs), Fashion-MNIST CNN conv16-conv32-fc10
