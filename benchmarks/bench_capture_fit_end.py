@@ -1,7 +1,8 @@
 """Fit-end work vs training time at the defaults, post hoc vs with GradientCapture, and LDS of each.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py [--data mnist5k|fashion|text|digits|synthetic]
-        [--model mlp|cnn|text] [--subsets 100] [--configs trak/post-hoc,trak/captured,...]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_capture_fit_end.py
+        [--data mnist5k|fashion|text|digits|synthetic] [--model mlp|cnn|text] [--subsets 100]
+        [--configs plain,trak/post-hoc,trak/captured,...] [--repeats 3]
 
 Data, models and training recipes are bench_ensemble_lds.py's (`load`, `build`, `RECIPES`): MNIST-5k MLP 784-256-10
 (4,000 train / 500 queries, SGD momentum lr 0.05, batch 128, 20 epochs), Fashion-MNIST CNN conv16-conv32-fc10
@@ -23,7 +24,9 @@ of AttributionCallback.on_fit_end (featurize + fit + score + metrics).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import shutil
 import sys
 import tempfile
@@ -113,6 +116,22 @@ CONFIGS = {
 }
 
 
+def rss_gb() -> float:
+    """This process's resident memory now (Linux /proc), GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 2**20, 2)
+    return float("nan")
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Mean over queries of per-query LDS a - b, with a 95% percentile bootstrap CI resampling queries (paired)."""
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (n_bootstrap, len(d)))].mean(1)
+    return {"mean": round(float(d.mean()), 4), "ci": [round(float(np.quantile(boot, 0.025)), 4),
+                                                      round(float(np.quantile(boot, 0.975)), 4)]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", choices=DATA, default="digits")
@@ -130,6 +149,7 @@ def main():
     work = Path(tempfile.mkdtemp())
     names = [n for n in args.configs.split(",") if n]
     runs: dict[str, list[dict]] = {}
+    per_query: dict[str, np.ndarray] = {}
     for rep in range(args.repeats):   # configurations rotated: machine load spreads over all of them
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             d = work / f"{name.replace('/', '_')}_{rep}"
@@ -145,8 +165,13 @@ def main():
                 row["stages_s"] = res.manifest.get("timings", {})   # featurize / fit / score in the fit-end work
                 if args.subsets:
                     lds = linear_datamodeling_score(np.asarray(res.scores), masks, truth)
+                    per_query.setdefault(name, np.asarray(lds["per_query"], dtype=np.float64))
                     row.update(lds=round(float(lds["lds"]), 4),
                                ci=[round(float(lds["ci_low"]), 3), round(float(lds["ci_high"]), 3)])
+            del callbacks, res
+            gc.collect()   # a fit's Trainer / capture buffers are in reference cycles: free them before the next fit
+            row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            row["rss_after_gb"] = rss_gb()   # growing over repeats = memory a finished fit kept
             runs.setdefault(name, []).append(row)
             print(name, json.dumps(row), flush=True)
             shutil.rmtree(d, ignore_errors=True)
@@ -157,6 +182,8 @@ def main():
                       "repeats": len(rs)}
         if "plain" in runs and name != "plain":
             rows[name]["train_over_plain"] = round(rows[name]["train_s"] / rows["plain"]["train_s"], 3)
+        if name != "trak/post-hoc" and name.startswith("trak/") and {name, "trak/post-hoc"} <= per_query.keys():
+            rows[name]["lds_minus_post_hoc"] = paired_difference(per_query[name], per_query["trak/post-hoc"])
         print("median", name, json.dumps(rows[name]), flush=True)
     print(json.dumps({"data": args.data, "model": args.model or DEFAULT_MODEL[args.data], "n_train": len(xt),
                       "n_query": len(xq), "epochs": recipe.epochs, "subsets": args.subsets, "rows": rows}))

