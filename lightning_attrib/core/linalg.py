@@ -247,9 +247,9 @@ DUAL_MAX_RATIO = 1.1
 def use_dual_form(n_train: int, dim: int) -> bool:
     """Whether the n x n dual form is cheaper than the k x k primal. Dual ~ n^2 k (G by syrk, float32) +
     2/3 n^3 (Cholesky and triangular inverse, float64), primal ~ n k^2 (kernel by syrk) + k^3 / 3 (Cholesky) +
-    n k^2 (self-influence solves, float32). Measured crossover n ~ 1.15 k (`benchmarks/bench_fit_end.py
+    n k^2 (self-influence solves, float32). Measured crossover n ~ 1.1 k (`benchmarks/bench_fit_end.py
     --crossover`, k = 2048, one thread, CPU s per snapshot for kernel + inverse + all self-influence + 200
-    queries: n = 1000 dual 0.12 vs primal 0.44, 2000 0.39 vs 0.58, 2500 0.78 vs 0.70, 3000 1.21 vs 0.79)."""
+    queries: n = 1500 dual 0.22 vs primal 0.42, 2000 0.36 vs 0.47, 2200 0.52 vs 0.54, 2500 0.67 vs 0.55)."""
     return n_train < DUAL_MAX_RATIO * dim
 
 
