@@ -56,6 +56,22 @@ def test_condition_estimate_and_warning_on_near_singular_kernel():
         DampedInverse(kernel, 1e-9)
 
 
+def test_failed_cholesky_falls_back_to_the_positive_directions():
+    # not PSD (a user's kernel): the in-place factorization fails, the matrix is rebuilt for the eigen fallback
+    evals = torch.tensor([4.0, 3.0, -9.0, 2.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(_rows(4, 4))
+    kernel = (q * evals) @ q.T
+    damping = float(torch.trace(kernel)) / 4          # 0 < damping < 9: one direction stays negative
+    with pytest.warns(IllConditionedKernelWarning, match="Cholesky of the damped kernel failed"):
+        inv = DampedInverse(kernel, damping)
+    shifted = evals + damping
+    keep = shifted > 0
+    want = (q[:, keep] / shifted[keep]) @ q[:, keep].T
+    x = _rows(3, 4, seed=5)
+    torch.testing.assert_close(inv.apply(x), x @ want, rtol=1e-10, atol=1e-12)
+    assert inv.condition == math.inf
+
+
 def test_dual_form_equals_primal():
     phi, x = _rows(40, 256), _rows(9, 256, seed=2)
     lam = float((phi * phi).sum()) / 256 * 0.3

@@ -115,19 +115,46 @@ def _warn_ill_conditioned(cond: float, damping: float, what: str) -> None:
     )
 
 
+def _damped(kernel: torch.Tensor, damping: float) -> torch.Tensor:
+    """A float64 copy of `kernel` with `damping` added to its diagonal (no k x k identity)."""
+    mat = kernel.to(torch.float64, copy=True)
+    mat.diagonal().add_(damping)
+    return mat
+
+
+def _cholesky_(mat: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(lower Cholesky factor, LAPACK info) of a symmetric positive definite float64 matrix, reading its lower
+    triangle. On the CPU LAPACK potrf factors `mat` in place (it is overwritten and the factor shares its memory:
+    none of the column-major copies torch.linalg.cholesky_ex makes, 0.21 -> 0.17 s at n = 2000); elsewhere
+    torch.linalg.cholesky_ex."""
+    if mat.device.type == "cpu" and mat.dtype == torch.float64 and mat.is_contiguous():
+        from scipy.linalg import lapack
+
+        # the row-major lower triangle is the upper triangle of the Fortran-ordered transpose view: factor that
+        factor, info = lapack.dpotrf(mat.numpy().T, lower=0, clean=1, overwrite_a=1)
+        if np.shares_memory(factor, mat.numpy()):
+            return mat, int(info)   # U = L^T in Fortran order is L in row-major order
+        return torch.from_numpy(np.ascontiguousarray(factor.T)), int(info)
+    chol, info = torch.linalg.cholesky_ex(mat)
+    return chol, int(info)
+
+
 class DampedInverse:
     """(K + damping I)^-1 of a PSD k x k matrix in float64, as a Cholesky factor (or, when Cholesky fails, an
     eigendecomposition that drops non-positive directions, with a warning)."""
 
     def __init__(self, kernel: torch.Tensor, damping: float, what: str = "kernel"):
         trace = float(torch.trace(kernel.double()))   # no copy when float64
-        mat = kernel.to(torch.float64, copy=True)
-        mat.diagonal().add_(damping)   # no k x k identity
+        bound = condition_bound(trace, damping)
         self.chol: torch.Tensor | None = None
         self.evecs = self.inv_evals = None
         self._chol_as: dict[torch.dtype, torch.Tensor] = {}
-        chol, info = torch.linalg.cholesky_ex(mat)
-        bound = condition_bound(trace, damping)
+        mat = _damped(kernel, damping)
+        if bound < ILL_CONDITIONED:   # the usual case: mat is not needed after its factorization
+            chol, info = _cholesky_(mat)
+            mat = None if info == 0 else _damped(kernel, damping)   # overwritten: rebuilt for the fallback
+        else:                         # keep mat to estimate the condition number
+            chol, info = torch.linalg.cholesky_ex(mat)
         if int(info) == 0:
             self.chol = chol
             self.condition = bound if bound < ILL_CONDITIONED else estimate_condition(mat, chol)
@@ -220,9 +247,9 @@ DUAL_MAX_RATIO = 1.1
 def use_dual_form(n_train: int, dim: int) -> bool:
     """Whether the n x n dual form is cheaper than the k x k primal. Dual ~ n^2 k (G by syrk, float32) +
     2/3 n^3 (Cholesky and triangular inverse, float64), primal ~ n k^2 (kernel by syrk) + k^3 / 3 (Cholesky) +
-    n k^2 (self-influence solves, float32). Measured crossover n ~ 1.15 k (`benchmarks/bench_fit_end.py
+    n k^2 (self-influence solves, float32). Measured crossover n ~ 1.1 k (`benchmarks/bench_fit_end.py
     --crossover`, k = 2048, one thread, CPU s per snapshot for kernel + inverse + all self-influence + 200
-    queries: n = 1000 dual 0.12 vs primal 0.44, 2000 0.39 vs 0.58, 2500 0.78 vs 0.70, 3000 1.21 vs 0.79)."""
+    queries: n = 1500 dual 0.22 vs primal 0.42, 2000 0.36 vs 0.47, 2200 0.52 vs 0.54, 2500 0.67 vs 0.55)."""
     return n_train < DUAL_MAX_RATIO * dim
 
 
