@@ -72,142 +72,25 @@ from lightning.pytorch.callbacks import Callback
 
 from torch.utils.data import Dataset
 
-from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, META_FIELDS, PER_WINDOW, BatchIndexRecorder, InRunScores,
+from ..core.capture import (CAPTURE_PROJECTORS, FORMAT_VERSION, BatchIndexRecorder, InRunScores,
                             QueryFeatures, chunk_features_path, make_capture_projector,
                             projector_kind, read_capture, runs, write_chunk)
 from ..core.gradients import select_parameters
-from ..core.io import atomic_write_json, derive_seed
+from ..core.capture_rows import (NULL, LayerSlot, RankOneSides, RowChunk, consume_all, expand_and_consume,
+                                 expand_and_score, expand_and_write, no_autocast)
+from ..core.io import atomic_write_json
 from ..core.layers import SUPPORTED, Layer, Term
-from ..core.tasks import HOOK_NAME, TaskConfigError, detect_task, prediction_tensor, read_batch
-from ..core.windows import CapturedTrainSource, LossToMargin, SnapshotWindows
+from ..core.tasks import read_batch
+from ..core.windows import LossToMargin, SnapshotWindows
+from .capture_windows import SnapshotWindowsMixin
 from .loaders import first_loader
 from ..core.sketch import ALLOCATIONS, HookedProjector, LayerPlan, TensorSketchProjector
 
-EXPAND_ROWS = 512                  # rows per block when a chunk's rank-one sides are turned into features
 PENDING_QUERY_BYTES = 256 << 20    # query features of captured steps not yet scored: a chunk is emitted beyond this
 MAX_INRUN_BYTES = 4 << 30          # the in-run train x query matrix beyond this is refused before training
-_RANK_ONE_KINDS = ("linear", "hf_conv1d")
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_NULL = _NullContext()
-
-
-def _no_autocast(device: torch.device) -> Any:
-    """Autocast off for the projections when the training forward runs under it (AMP); else a no-op context."""
-    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else _NULL
-
-
-class _Layer:
-    """One captured layer: where its block goes in a feature row, whether its rank-one sides are deferred to the
-    chunk hand-off, and what happened to it in this step (`fired`: backward calls; `vec`: sides stored)."""
-
-    __slots__ = ("plan", "index", "start", "full", "rem", "deferrable", "side_in", "side_out", "fired", "vec")
-
-    def __init__(self, plan: LayerPlan, index: int, start: int, tensor: bool, proj_dim: int):
-        self.plan, self.index, self.start = plan, index, start
-        self.full, self.rem = divmod(plan.dim, plan.k_in)   # Kronecker: dim = full rows of k_in + a partial row
-        if tensor:   # raw sides, when they are no larger than their sketches would be
-            self.side_in, self.side_out = plan.d_in, plan.d_out
-            self.deferrable = plan.kind in _RANK_ONE_KINDS and plan.d_in + plan.d_out <= 2 * proj_dim
-        else:        # projected sides
-            self.side_in, self.side_out = plan.k_in, plan.k_out
-            self.deferrable = plan.kind in _RANK_ONE_KINDS
-        self.fired = 0
-        self.vec = False
-
-
-class _Chunk:
-    """Preallocated rows: features, the rank-one sides of deferrable layers (turned into features per chunk, off
-    the hot path), which rows hold such sides, and the per-row metadata."""
-
-    def __init__(self, cap: int, proj_dim: int, layers: list[_Layer], dtype: torch.dtype, device: torch.device):
-        self.cap, self.dtype, self.device, self.rows = cap, dtype, device, 0
-        # zero: rows are filled by adding (tensor sketch, in-step blocks); a reused buffer is zeroed after its hand-off
-        self.features = torch.zeros(cap, proj_dim, dtype=torch.float32, device=device)
-        self.a: list[torch.Tensor | None] = []
-        self.d: list[torch.Tensor | None] = []
-        for lay in layers:
-            fac = lay.deferrable
-            self.a.append(torch.empty(cap, lay.side_in, dtype=dtype, device=device) if fac else None)
-            self.d.append(torch.empty(cap, lay.side_out, dtype=dtype, device=device) if fac else None)
-        self.factored = np.zeros((len(layers), cap), dtype=bool)
-        self.meta = {k: np.empty(cap, dtype=t) for k, t in META_FIELDS if k != "ids"}
-        self.ids = torch.full((cap,), -1, dtype=torch.int64, device=device)  # on the device: no per-step sync
-        self.future: Future | None = None
-
-    def expand(self, sides: "_Sides", release: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Add the stored rank-one rows' features into `features` (or into `out`, a copy of the filled rows, which
-        leaves this chunk as it is); return the filled rows."""
-        rows = self.rows
-        feats = self.features[:rows] if out is None else out
-        for b0 in range(0, rows, EXPAND_ROWS):   # row blocks: bounded temporaries (outer products, spectra)
-            b1 = min(rows, b0 + EXPAND_ROWS)
-            spectrum = sides.spectrum(b1 - b0, self.dtype, self.device)   # tensor sketch: FFT layers' sum
-            used = False
-            for lay in sides.layers:
-                if self.a[lay.index] is None:
-                    continue
-                for lo, hi in runs(self.factored[lay.index, b0:b1]):
-                    if self.factored[lay.index, b0 + lo]:
-                        r0, r1 = b0 + lo, b0 + hi
-                        sides.add(lay, feats[r0:r1], self.d[lay.index][r0:r1], self.a[lay.index][r0:r1],
-                                  None if spectrum is None else spectrum[lo:hi])
-                        used = True
-            if used and spectrum is not None:
-                feats[b0:b1] += torch.fft.irfft(spectrum, n=feats.shape[1], dim=1).float()
-        if release:  # kept in memory: the sides are not needed any more
-            self.a = [None] * len(self.a)
-            self.d = [None] * len(self.d)
-        return feats
-
-    def reset(self) -> None:
-        self.rows = 0
-        self.ids.fill_(-1)
-
-    def row_meta(self) -> dict[str, np.ndarray]:
-        """Copies of the filled rows' metadata (ids copied off the device here, once per chunk)."""
-        meta = {k: v[:self.rows].copy() for k, v in self.meta.items()}
-        meta["ids"] = self.ids[:self.rows].cpu().numpy().copy()
-        return meta
-
-
-class _Sides:
-    """Turns stored rank-one sides (d, a) of a layer into its feature contribution, with the capture projector's
-    matrices: Kronecker vec((P_out^T d)(P_in^T a)^T)[:dim] at the layer's block; tensor sketch the circular
-    convolution of the sides' count sketches (FFT), added to every column."""
-
-    def __init__(self, projector: HookedProjector, layers: list[_Layer]):
-        self.projector, self.layers = projector, layers
-        self.tensor = isinstance(projector, TensorSketchProjector)
-
-    def spectrum(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """Tensor sketch: a zeroed (rows, s // 2 + 1) spectrum that the FFT-path layers of a row block add into
-        (inverted once per block, not once per layer); None for Kronecker."""
-        if not self.tensor:
-            return None
-        cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-        return torch.zeros(rows, self.projector.proj_dim // 2 + 1, dtype=cdtype, device=device)
-
-    def add(self, lay: _Layer, features: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
-            spectrum: torch.Tensor | None = None) -> None:
-        if self.tensor:
-            self.projector.add_rank_one(lay.plan, features, d, a, spectrum)
-            return
-        n, start, full, rem, k_in = d.shape[0], lay.start, lay.full, lay.rem, lay.plan.k_in
-        torch.mul(d[:, :full, None], a[:, None, :], out=features[:, start:start + full * k_in].view(n, full, k_in))
-        if rem:
-            torch.mul(d[:, full:full + 1], a[:, :rem], out=features[:, start + full * k_in:start + lay.plan.dim])
-
-
-class GradientCapture(Callback):
+class GradientCapture(SnapshotWindowsMixin, Callback):
     """Projected per-example loss gradients of training batches, (B, proj_dim) float32, captured in the steps.
 
     Args:
@@ -292,14 +175,14 @@ class GradientCapture(Callback):
         self.param_names: list[str] = []
         self.skipped_params: list[str] = []
         self.rank_dir: Path | None = None
-        self._layers: list[_Layer] = []
-        self._by_name: dict[str, _Layer] = {}
-        self._sides: _Sides | None = None
+        self._layers: list[LayerSlot] = []
+        self._by_name: dict[str, LayerSlot] = {}
+        self._sides: RankOneSides | None = None
         self._recording: Any = None   # the engine's recording context of the captured batch, while open
         self._trainer: L.Trainer | None = None
         self._resume_step: int | None = None
         self._owns_rank_dir = False
-        self._kept: list[Any] = []   # memory mode: finished chunks (CPU `_Chunk`s, or (features, meta) copies)
+        self._kept: list[Any] = []   # memory mode: finished chunks (CPU `RowChunk`s, or (features, meta) copies)
         self._dropped_rows = False   # memory mode: rows handed to their consumers and not kept (`keep_records`)
         self._writer: ThreadPoolExecutor | None = None
         # snapshot windows for TRAK (`core/windows.py`), asked for by an AttributionCallback before training
@@ -319,8 +202,8 @@ class GradientCapture(Callback):
         self.captured_steps = 0   # training batches captured in this fit (on this rank)
         self._n: int | None = None
         self._r0 = 0
-        self._chunk: _Chunk | None = None     # the chunk being filled
-        self._spare: _Chunk | None = None     # out_dir on CPU: the one the writer thread may still be reading
+        self._chunk: RowChunk | None = None     # the chunk being filled
+        self._spare: RowChunk | None = None     # out_dir on CPU: the one the writer thread may still be reading
         self._host: list[torch.Tensor | None] = [None, None]  # out_dir on GPU: pinned copies for the writer
         self._host_futures: list[Future | None] = [None, None]
         self._cur = 0
@@ -329,7 +212,7 @@ class GradientCapture(Callback):
         self._scale = 1.0        # the loss-reduction scale of the batch being captured
         self._factors: list[tuple] = []        # Kronecker rank-one path: per layer (P_out * scales, P_in)
         self._factor_key: tuple | None = None
-        self._no_autocast: Any = _NULL
+        self.no_autocast: Any = NULL
         self._base_scale = 1.0
         self._scaler = None
         self._group: dict | None = None
@@ -401,23 +284,12 @@ class GradientCapture(Callback):
         self._layers = []
         for plan in probe.layers:
             if plan.dim:
-                self._layers.append(_Layer(plan, len(self._layers), start, tensor, probe.proj_dim))
+                self._layers.append(LayerSlot(plan, len(self._layers), start, tensor, probe.proj_dim))
             start += 0 if tensor else plan.dim
         self._by_name = {lay.plan.name: lay for lay in self._layers}
         self._offsets = {lay.plan.name: lay.start for lay in self._layers}
-        self._sides = _Sides(probe, self._layers)
+        self._sides = RankOneSides(probe, self._layers)
         self._factor_key = None   # Kronecker: the scaled factors are taken from this projector at the next batch
-
-    def _next_window_projection(self, pl_module: L.LightningModule) -> None:
-        """Snapshot windows: the rows of the next window get their own projection seed, as TRAK draws an independent
-        projection per checkpoint (one shared projection for every snapshot cost 0.045 LDS on MNIST-5k,
-        benchmarks/RESULTS.md). Called once the window before has been frozen (its rows all written)."""
-        self.windows.next_window()
-        seed = derive_seed(self.seed, "window", self.windows.window_index)
-        self._install_projector(make_capture_projector(self.projector_kind, pl_module, None, self.param_names,
-                                                       self.proj_dim, seed, self.allocation))
-        if self._queries is not None:   # in-run TracIn: the queries are projected like the rows they meet
-            self._queries = self._queries.with_projector(self.projector)
 
     def settings(self, world_size: int = 1) -> dict:
         """What the captured features depend on besides the weights (written to `capture.json`)."""
@@ -445,11 +317,6 @@ class GradientCapture(Callback):
         self._setup_ids_and_queries(trainer, pl_module)
         self._setup_windows(trainer, pl_module)
 
-    def request_windows(self) -> None:
-        """Keep each example's latest row per `CheckpointCapture` snapshot (TRAK's train features from the capture,
-        `core/windows.py`). Called by `AttributionCallback` before training; `windows_unused` says when it cannot."""
-        self.windows_requested = True
-
     def release_default_queries(self) -> None:
         """With query_dataset="auto": no in-run TracIn query pass (the Trainer's AttributionCallback computes another
         method). Called by `AttributionCallback` before training."""
@@ -460,83 +327,6 @@ class GradientCapture(Callback):
         """Whether this capture will run the in-run TracIn query pass (and so record learning rates)."""
         return self.query_dataset is not None and not (self.query_dataset == "auto" and self.default_queries_released)
 
-    def _setup_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close_windows()
-        self.windows_unused = None
-        if not self.windows_requested:
-            return
-        if self._n_train is None or (self.ids_fn is None and self._recorder is None):
-            self.windows_unused = "the training DataLoader has no batch sampler to record dataset ids from (pass ids_fn=)"
-        elif callable(getattr(pl_module, HOOK_NAME, None)):
-            self.windows_unused = (f"the module defines {HOOK_NAME}, whose prediction the training step's output need "
-                                   "not be")
-        if self.windows_unused:
-            return
-        base = self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "gradient_capture"
-        root = base / "windows"
-        rank = trainer.global_rank
-        kept, self._resume_windows = self._resume_windows or {}, None
-        for old in root.glob(f"*/rank-{rank:05d}.*"):   # this rank's windows of an earlier fit go; a resumed fit
-            if old.parent.name not in kept:              # keeps those frozen before its checkpoint
-                old.unlink()
-        self.windows = SnapshotWindows(root, self._n_train, self.projector.proj_dim, rank)
-        self.windows.frozen.update(kept)
-        self.window_seeds = {name: seed for name, seed in (self._resume_seeds or {}).items() if name in kept}
-        self._resume_seeds = None
-        if kept:   # a resumed fit: the projection of the window after the last frozen one
-            self.windows.window_index = len(kept) - 1
-            self._next_window_projection(pl_module)
-        if self.out_dir is not None and trainer.is_global_zero:   # chunk readers must know the projection changes
-            atomic_write_json(self.out_dir / "capture.json", {**self.settings(trainer.world_size),
-                                                              "projection": PER_WINDOW})
-        self.window_steps = max(1, int(trainer.num_training_batches) // max(1, int(trainer.accumulate_grad_batches)))
-        # the module's own forward, and its direct children's (a training step calling self.model(**batch))
-        self._forward_hook = [pl_module.register_forward_hook(partial(self._on_output, True))] + [
-            child.register_forward_hook(partial(self._on_output, False)) for child in pl_module.children()]
-
-    def _on_output(self, outermost: bool, module: Any, args: Any, output: Any) -> None:
-        """A forward of the LightningModule (outermost) or of a direct child in a captured step: its prediction and
-        (in the backward) its gradient, once per tensor."""
-        if not self._active or self.windows is None:
-            return
-        try:
-            pred = prediction_tensor(output)
-        except TaskConfigError:
-            return
-        if not pred.requires_grad:
-            return
-        for box in self._output or []:
-            if box[2] is pred:   # the module returned its child's output: one candidate, the outermost
-                box[3] = box[3] or outermost
-                return
-        box = [pred.detach(), None, pred, outermost]
-        pred.register_hook(lambda g: box.__setitem__(1, g.detach()))
-        self._output = [*(self._output or []), box]
-
-    def _margin_ratios(self, n: int) -> tuple[Any, Any]:
-        """(c, Q) of the captured batch's rows (NaN when they cannot be read: `core.windows.LossToMargin`)."""
-        outs, self._output = self._output or [], None
-        # the forward outputs of this step with one row per example that the loss used (a DDP wrapper's call
-        # through forward returns the scalar loss: not a candidate); the LightningModule's own output first, else
-        # a single child's; two candidates: which one is the prediction is unknown
-        outs = [b for b in outs if b[1] is not None and b[0].dim() >= 1 and b[0].shape[0] == n]
-        outs = [b for b in outs if b[3]] or outs
-        if len(outs) != 1 or self._target is None:
-            return float("nan"), float("nan")
-        pred, grad = outs[0][0], outs[0][1]
-        if self._to_margin is None:
-            try:
-                self._to_margin = LossToMargin(detect_task(pred, self._target, self._inputs))
-            except (TaskConfigError, ValueError) as err:
-                self.windows_unused = f"the task could not be read from the training batch ({err})"
-                self._close_windows()
-                return float("nan"), float("nan")
-        ratio, q = self._to_margin(pred, self._target, grad * self._scale)
-        if self._to_margin.mismatch:
-            self.windows_unused = self._to_margin.mismatch
-            self._close_windows()
-        return ratio, q
-
     @property
     def projector_kind(self) -> str:
         """The projector the rows are captured with: `projector`, with "auto" resolved (tensor sketch for TRAK's
@@ -544,68 +334,6 @@ class GradientCapture(Callback):
         if self.projector_choice != "auto":
             return self.projector_choice
         return "tensorsketch" if self.windows_requested else "factorized"
-
-    def _windows_only(self) -> bool:
-        """Only the snapshot windows use the rows (no in-run scores, no chunk files, no kept records): steps outside
-        every window need not be captured."""
-        return (self.windows is not None and self._inrun is None and self.out_dir is None
-                and not self._keeps_records(True))
-
-    def _in_a_window(self, trainer: L.Trainer) -> bool:
-        """Whether this step's rows can enter a planned snapshot's window (the window_steps steps before it)."""
-        from .checkpoint_capture import CheckpointCapture
-
-        epoch, step, width = trainer.current_epoch, trainer.global_step, self.window_steps
-        for c in trainer.callbacks:
-            if not isinstance(c, CheckpointCapture):
-                continue
-            if (epoch + 1) in c.planned_epochs or (c.every_n_epochs and (epoch + 1) % c.every_n_epochs == 0):
-                return True
-            if any(s - width <= step < s for s in c.planned_steps):
-                return True
-            if c.every_n_steps and (step // c.every_n_steps + 1) * c.every_n_steps - step <= width:
-                return True
-        return False
-
-    def freeze_windows(self, trainer: L.Trainer, next_projection: bool = False) -> None:
-        """Freeze the window of every `CheckpointCapture` snapshot taken so far (all rows before it written out);
-        with `next_projection` (training goes on) the next window's rows get a new projection."""
-        if self.windows is None:
-            return
-        from .checkpoint_capture import CheckpointCapture
-
-        due = [(r["name"], r["step"]) for c in trainer.callbacks if isinstance(c, CheckpointCapture)
-               for r in c.records if r["name"] not in self.windows.frozen and r["step"] <= trainer.global_step]
-        if not due:
-            return
-        self._emit()
-        self._wait()
-        for name, step in due:
-            self.windows.freeze(name, step)
-            self.window_seeds[name] = int(self.projector.layout["seed"])
-        if next_projection:
-            self._next_window_projection(trainer.lightning_module)
-
-    def train_source(self) -> "CapturedTrainSource | None":
-        """TRAK's train side from this capture's snapshot windows, or None (`windows_unused` says why)."""
-        if self.windows is None:
-            return None
-        if self._to_margin is None:
-            self.windows_unused = ("no captured step showed one prediction: neither the LightningModule's forward output "
-                                   "nor exactly one direct child's (the training step calls several submodules?)")
-            return None
-        return CapturedTrainSource(self.windows.root, self.window_steps, projector_kind(self.projector),
-                                   dict(self.projector.layout), self.projector.layout_hash, list(self.param_names),
-                                   self._to_margin.task.name, dict(self.window_seeds))
-
-    def _close_windows(self) -> None:
-        for handle in self._forward_hook or []:
-            handle.remove()
-        self._forward_hook = None
-        if self.windows is not None:
-            windows, self.windows = self.windows, None
-            self._wait()
-            windows.close()
 
     def _setup_ids_and_queries(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Record the training batches' dataset indices (no `ids_fn`), and prepare the query pass (`query_dataset`)."""
@@ -867,7 +595,7 @@ class GradientCapture(Callback):
         dtype, r0 = self._dtype, self._r0
         if any(t.dtype != dtype or (t.d is not None and t.d.dtype != dtype) for t in terms):
             terms = [t.to(dtype) for t in terms]
-        with self._no_autocast:
+        with self.no_autocast:
             t = terms[0]
             if lay.deferrable and not lay.fired and len(terms) == 1 and t.d is not None and t.positions == 1:
                 self._store_sides(lay, t.d[:, 0], t.a[:, 0], r0, n)
@@ -880,8 +608,8 @@ class GradientCapture(Callback):
                 self.projector._combine(feats, [(lay.plan, terms)], self._offsets, self._scale)
         lay.fired += 1
 
-    def _store_sides(self, lay: _Layer, d: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
-        """Rank-one layer: keep its two sides in the chunk (features formed per chunk, `_Sides.add`)."""
+    def _store_sides(self, lay: LayerSlot, d: torch.Tensor, a: torch.Tensor, r0: int, n: int) -> None:
+        """Rank-one layer: keep its two sides in the chunk (features formed per chunk, `RankOneSides.add`)."""
         plan, i = lay.plan, lay.index
         d_dst, a_dst = self._chunk.d[i][r0:r0 + n], self._chunk.a[i][r0:r0 + n]
         if self._sides.tensor:
@@ -916,7 +644,7 @@ class GradientCapture(Callback):
         if key != self._factor_key and not self._sides.tensor:   # Kronecker: (P_out * scale, P_in) per layer
             self._factors = [self._scaled_factors(lay.plan, self._scale, dtype, device) for lay in self._layers]
         self._factor_key = key
-        self._no_autocast = _no_autocast(device)
+        self.no_autocast = no_autocast(device)
         self._dtype = dtype
         self._r0 = self._chunk.rows
         self._n = n
@@ -929,7 +657,7 @@ class GradientCapture(Callback):
             spare.future.result()
             spare.future = None
         if spare is None or spare.cap < cap or spare.dtype != dtype or spare.device != device:
-            spare = _Chunk(cap, self.projector.proj_dim, self._layers, dtype, device)
+            spare = RowChunk(cap, self.projector.proj_dim, self._layers, dtype, device)
         spare.reset()
         self._chunk = spare
 
@@ -951,11 +679,11 @@ class GradientCapture(Callback):
             consumers.append(partial(self._inrun.add, meta=meta, queries=queries))
         if self.windows is not None:   # each example's latest row, for TRAK's snapshot windows
             consumers.append(partial(self.windows.add, meta=ch.row_meta()))
-        score = partial(_consume, consumers) if consumers else None
+        score = partial(consume_all, consumers) if consumers else None
         if self.out_dir is None and not self._keeps_records(bool(consumers)):   # consumed, then dropped
             self._dropped_rows = True
             if cpu:
-                ch.future = self._writer.submit(_expand_and_consume, ch, self._sides, score)
+                ch.future = self._writer.submit(expand_and_consume, ch, self._sides, score)
             else:
                 feats = ch.expand(self._sides)
                 if score is not None:
@@ -965,7 +693,7 @@ class GradientCapture(Callback):
             return
         if self.out_dir is None:
             if cpu:
-                ch.future = self._writer.submit(_expand_and_score, ch, self._sides, score)
+                ch.future = self._writer.submit(expand_and_score, ch, self._sides, score)
                 self._kept.append(ch)
             else:
                 feats = ch.expand(self._sides)
@@ -979,7 +707,7 @@ class GradientCapture(Callback):
         self._next_chunk += 1
         meta = ch.row_meta()
         if cpu:
-            ch.future = self._writer.submit(_expand_and_write, ch, self._sides, self.rank_dir, index, meta, score)
+            ch.future = self._writer.submit(expand_and_write, ch, self._sides, self.rank_dir, index, meta, score)
             self._spare = ch
             return
         feats = ch.expand(self._sides)
@@ -1010,7 +738,7 @@ class GradientCapture(Callback):
             fut, self._spare.future = self._spare.future, None
             fut.result()
         for ch in self._kept:
-            if isinstance(ch, _Chunk) and ch.future is not None:
+            if isinstance(ch, RowChunk) and ch.future is not None:
                 fut, ch.future = ch.future, None
                 fut.result()
 
@@ -1033,7 +761,7 @@ class GradientCapture(Callback):
                              "or out_dir= to read them back")
         if self.out_dir is None:
             self._wait()
-            chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, _Chunk) else c for c in self._kept]
+            chunks = [(c.features[:c.rows], c.row_meta()) if isinstance(c, RowChunk) else c for c in self._kept]
             ch = self._chunk
             if ch is not None and ch.rows:   # rows not emitted yet (records read during fit)
                 chunks.append((ch.expand(self._sides, out=ch.features[:ch.rows].clone()), ch.row_meta()))
@@ -1051,37 +779,6 @@ class GradientCapture(Callback):
                             "ids": None if (ids < 0).all() else torch.from_numpy(ids.copy()),
                             "features": feats[lo:hi]})
         return out
-
-
-def _consume(consumers: list[Callable], feats: torch.Tensor) -> None:
-    for consume in consumers:
-        consume(feats)
-
-
-def _expand_and_write(chunk: _Chunk, layers: _Sides, rank_dir: Path, index: int, meta: dict,
-                      score: Callable | None = None) -> None:
-    """Writer thread, CPU: form the stored rank-one rows' features, score them against the queries (if any), write the chunk."""
-    feats = chunk.expand(layers)
-    if score is not None:
-        score(feats)
-    write_chunk(rank_dir, index, feats, meta, None)
-    feats.zero_()   # the buffer is reused: its rows start at zero
-
-
-def _expand_and_consume(chunk: _Chunk, layers: _Sides, score: Callable | None) -> None:
-    """Writer thread, CPU, rows not kept: form the rank-one rows' features, hand them on, zero the reused buffer."""
-    feats = chunk.expand(layers)
-    if score is not None:
-        score(feats)
-    feats.zero_()
-
-
-def _expand_and_score(chunk: _Chunk, layers: _Sides, score: Callable | None) -> torch.Tensor:
-    """Writer thread, CPU, in memory: form the stored rank-one rows' features (then release the sides), score them."""
-    feats = chunk.expand(layers, True)
-    if score is not None:
-        score(feats)
-    return feats
 
 
 def record_train_batch_indices(trainer: L.Trainer) -> None:
