@@ -128,11 +128,19 @@ def test_a_loss_that_is_not_the_task_loss_falls_back_to_post_hoc(tmp_path):
             out_dir=tmp_path / "attrib", log_images=False)], epochs=1)
     res = load_results(tmp_path / "attrib")
     assert res.manifest["train_features"].startswith("post-hoc")
-    with pytest.raises(ValueError, match="not the task's loss"):
+    started = []
+
+    class _Count(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            started.append(trainer.global_step)
+
+    with pytest.raises(ValueError, match="not the task's loss"):   # at the first training step, not after fit
         _fit(tmp_path / "b", _Net(smoothing=0.1), [GradientCapture(query_dataset=None), CheckpointCapture(),
                                                    AttributionCallback(out_dir=tmp_path / "b" / "attrib",
-                                                                       log_images=False, train_features="capture")],
+                                                                       log_images=False, train_features="capture"),
+                                                   _Count()],
              epochs=1)
+    assert started == []
 
 
 def test_capture_required_but_missing_is_refused_before_training(tmp_path):
@@ -321,6 +329,6 @@ def test_only_the_window_epochs_are_captured_when_nothing_else_uses_the_rows(tmp
 
     some, res = fit(tmp_path / "windows", None)
     every, ref = fit(tmp_path / "every", True)
-    assert (some.captured_steps, every.captured_steps) == (18, 36)
+    assert (some.captured_steps, every.captured_steps) == (1 + 18, 36)   # step 0: the loss-to-margin probe
     assert set(res.manifest["train_features"]["post_hoc_rows"].values()) == {0}
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5, atol=1e-7 * np.abs(ref.scores).max())

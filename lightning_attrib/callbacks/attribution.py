@@ -195,7 +195,7 @@ class AttributionCallback(Callback):
                            "train_features='capture' takes them from the capture anyway")
             return
         if problem is None:
-            cap.request_windows()
+            cap.request_windows(required=self.train_features == "capture")
         elif self.train_features == "capture":
             raise ValueError(f"AttributionCallback(train_features='capture'): {problem}. Fix that, or pass "
                              "train_features='auto' (post hoc when the capture does not apply)")

@@ -35,10 +35,13 @@ class SnapshotWindowsMixin:
         if self._queries is not None:   # in-run TracIn: the queries are projected like the rows they meet
             self._queries = self._queries.with_projector(self.projector)
 
-    def request_windows(self) -> None:
+    def request_windows(self, required: bool = False) -> None:
         """Keep each example's latest row per `CheckpointCapture` snapshot (TRAK's train features from the capture,
-        `core/windows.py`). Called by `AttributionCallback` before training; `windows_unused` says when it cannot."""
+        `core/windows.py`). Called by `AttributionCallback` before training; `windows_unused` says when it cannot.
+        `required` (train_features="capture"): a training loss that is not the task's is an error at the first
+        training step (always captured, as a probe), not a fallback."""
         self.windows_requested = True
+        self.windows_required = bool(required)
 
     def _setup_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_windows()
@@ -115,6 +118,9 @@ class SnapshotWindowsMixin:
         if self._to_margin.mismatch:
             self.windows_unused = self._to_margin.mismatch
             self._close_windows()
+            if self.windows_required:
+                raise ValueError(f"AttributionCallback(train_features='capture'): {self.windows_unused}. Train with the "
+                                 "task's loss, or pass train_features='auto' (TRAK post hoc)")
         return ratio, q
 
     def _windows_only(self) -> bool:
@@ -128,6 +134,8 @@ class SnapshotWindowsMixin:
         from .checkpoint_capture import CheckpointCapture
 
         epoch, step, width = trainer.current_epoch, trainer.global_step, self.window_steps
+        if step == 0:   # a probe: the loss-to-margin check runs at the first step, not only in the first window
+            return True
         for c in trainer.callbacks:
             if not isinstance(c, CheckpointCapture):
                 continue

@@ -187,6 +187,7 @@ class GradientCapture(SnapshotWindowsMixin, Callback):
         self._writer: ThreadPoolExecutor | None = None
         # snapshot windows for TRAK (`core/windows.py`), asked for by an AttributionCallback before training
         self.windows_requested = False
+        self.windows_required = False   # train_features="capture": a loss mismatch is an error at the first step
         self.default_queries_released = False   # query_dataset="auto" and the Trainer's AttributionCallback is not TracIn
         self.windows: SnapshotWindows | None = None
         self.window_steps: int | None = None
