@@ -45,25 +45,28 @@ def _data(n_train=240, n_query=40):
                                                                   y[n_train:n_train + n_query])
 
 
-def _fit(tmp_path, model, callbacks, epochs=3, batch_size=40):
+def _fit(tmp_path, model, callbacks, epochs=3, batch_size=40, **trainer_kwargs):
     train, query = _data()
     torch.manual_seed(0)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        callbacks=callbacks)
+                        callbacks=callbacks, **trainer_kwargs)
     trainer.fit(model, DataLoader(train, batch_size=batch_size, shuffle=True), DataLoader(query, batch_size=40))
     return trainer, train
 
 
-@pytest.mark.parametrize("projector,every", [("tensorsketch", 1), ("factorized", 1), ("tensorsketch", 3)])
-def test_captured_features_equal_post_hoc_features_at_the_same_weights(tmp_path, projector, every):
+@pytest.mark.parametrize("projector,every,accumulate", [("tensorsketch", 1, 1), ("factorized", 1, 1),
+                                                         ("tensorsketch", 3, 1), ("tensorsketch", 1, 2)])
+def test_captured_features_equal_post_hoc_features_at_the_same_weights(tmp_path, projector, every, accumulate):
     """lr = 0: every step trains at the snapshot's weights, so each captured margin feature -row/c and its Q must
     equal the capture projector's post-hoc margin features at the snapshot; with every_n_steps=3 the rows of the
-    uncaptured batches are featurized post hoc (same values, none left at zero)."""
+    uncaptured batches are featurized post hoc (same values, none left at zero); with gradient accumulation the
+    ratio read from the output gradient carries the 1 / accumulate_grad_batches the backward saw."""
     cap = GradientCapture(projector=projector, proj_dim=256, query_dataset=None, every_n_steps=every)
     attrib = AttributionCallback(out_dir=tmp_path / "attrib", log_images=False, train_features="capture")
     model = _Net(lr=0.0)
-    trainer, train = _fit(tmp_path, model, [cap, CheckpointCapture(dirpath=tmp_path / "snaps"), attrib])
+    trainer, train = _fit(tmp_path, model, [cap, CheckpointCapture(dirpath=tmp_path / "snaps"), attrib],
+                          accumulate_grad_batches=accumulate)
     res = load_results(tmp_path / "attrib")
     info = res.manifest["train_features"]
     assert info["source"] == "GradientCapture snapshot windows" and info["projector"] == projector
