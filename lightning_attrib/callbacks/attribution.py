@@ -284,10 +284,21 @@ class AttributionCallback(Callback):
                 self.result = captured_tracin(trainer, pl_module, method, train_ds, query_ds, self.out_dir, collate,
                                               query_collate)
             if self.result is None:
-                attributor = Attributor(
-                    pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn, collate_fn=collate,
-                    dist=dist, progress=progress, train_source=self._captured_train_source(trainer),
-                    **self._attributor_kwargs())
+                def make(source):
+                    return Attributor(pl_module, method, train_ds, query_ds, self.out_dir, output_fn=self.output_fn,
+                                      collate_fn=collate, dist=dist, progress=progress, train_source=source,
+                                      **self._attributor_kwargs())
+                source = self._captured_train_source(trainer)
+                try:
+                    attributor = make(source)
+                except ValueError as err:   # the capture's task is not the one attributed here: post hoc ("auto")
+                    if source is None or self.train_features == "capture":
+                        raise
+                    import warnings
+
+                    warnings.warn(f"[lightning-attrib] TRAK's training features are computed post hoc: {err}",
+                                  RuntimeWarning, stacklevel=2)
+                    attributor = make(None)
                 self.result = attributor.run(snapshots)
         except Exception as err:
             raise type(err)(
