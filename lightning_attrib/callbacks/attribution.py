@@ -23,20 +23,12 @@ from ..core.results import AttributionResult
 from ..distributed import LightningDist
 from .checkpoint_capture import CheckpointCapture
 from .loaders import first_loader, loader_of
+from .capture_windows import train_mode_layers
 from .gradient_capture import GradientCapture
 from .in_run import captured_tracin
 
 
 TRAIN_FEATURES = ("auto", "capture", "post-hoc")
-
-
-def _train_mode_layers(module: torch.nn.Module) -> str:
-    """Names of the layer kinds that behave differently in training (dropout with p > 0, batch norm), or ''."""
-    kinds = {type(m).__name__ for m in module.modules()
-             if (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
-             or isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             or (isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0)}
-    return ", ".join(sorted(kinds))
 
 
 class AttributionCallback(Callback):
@@ -188,10 +180,10 @@ class AttributionCallback(Callback):
             problem = "there is no GradientCapture on the Trainer"
         elif not any(isinstance(c, CheckpointCapture) for c in trainer.callbacks):
             problem = "there is no CheckpointCapture on the Trainer (the windows end at its snapshots)"
-        elif self.train_features == "auto" and _train_mode_layers(pl_module):
+        elif self.train_features == "auto" and train_mode_layers(pl_module):
             # the training steps' gradients are of another function than the eval-mode model TRAK attributes
             rank_zero_info(f"[lightning-attrib] TRAK's training features are computed post hoc: the module has "
-                           f"{_train_mode_layers(pl_module)} layers, which act differently in training steps; "
+                           f"{train_mode_layers(pl_module)} layers, which act differently in training steps; "
                            "train_features='capture' takes them from the capture anyway")
             return
         if problem is None:

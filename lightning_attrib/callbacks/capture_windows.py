@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from ..core.capture import PER_WINDOW, make_capture_projector, projector_kind
 from ..core.io import atomic_write_json, derive_seed
 from ..core.tasks import HOOK_NAME, TaskConfigError, detect_task, prediction_tensor
 from ..core.windows import CapturedTrainSource, LossToMargin, SnapshotWindows
+
+
+def train_mode_layers(module: torch.nn.Module) -> str:
+    """Names of the layer kinds that behave differently in training (dropout with p > 0, batch norm), or ''."""
+    kinds = {type(m).__name__ for m in module.modules()
+             if (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+             or isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             or (isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0)}
+    return ", ".join(sorted(kinds))
 
 
 class SnapshotWindowsMixin:
