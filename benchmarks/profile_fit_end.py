@@ -27,34 +27,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ensemble_lds import load  # noqa: E402
+from bench_capture_fit_end import Lit  # noqa: E402  (the digits / synthetic MLP 64-128-10 and its recipe)
+from bench_ensemble_lds import RECIPES, load  # noqa: E402
 
 from lightning_attrib import AttributionCallback, CheckpointCapture  # noqa: E402
 
 warnings.filterwarnings("ignore")
 STAGES: dict[str, float] = defaultdict(float)
-
-
-class Lit(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
 
 
 class Timer(L.Callback):
@@ -143,7 +125,7 @@ def one_run(train_ds, val_ds, work, epochs, profiler=None, attrib_kwargs=None):
            AttributionCallback("trak", out_dir=work / "a", log_images=False, **(attrib_kwargs or {}))]
     L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=work,
-              callbacks=[*cbs, timer]).fit(Lit(), DataLoader(train_ds, batch_size=128, shuffle=True),
+              callbacks=[*cbs, timer]).fit(Lit("digits", "mlp", RECIPES["mlp"]), DataLoader(train_ds, batch_size=128, shuffle=True),
                                            DataLoader(val_ds, batch_size=256))
     train_s, fit_end_s = timer.t1 - timer.t0, timer.t2 - timer.t1
     return {"preflight_s": round(timer.preflight_s, 3), "train_s": round(train_s, 3), "fit_end_s": round(fit_end_s, 3),
